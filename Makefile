@@ -1,0 +1,48 @@
+# Every target does its own set-up, idempotently: a fresh clone needs only `make demo`
+# or `make test`. Set-up is recorded by stamp files so repeated runs skip it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-$(shell cat constraints.txt pyproject.toml | sha1sum | cut -c1-12)
+SYSDEPS := libopencv-dev libturbojpeg0-dev pkg-config
+DEMO_DATA := data/digits
+DEMO_RUN := runs/demo
+
+.PHONY: setup sysdeps demo test bench clean
+
+setup: $(STAMP)
+
+sysdeps:
+	@missing=""; for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "FFCV needs the Debian packages:$$missing. As root run: apt-get install -y$$missing" >&2; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): constraints.txt pyproject.toml | sysdeps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	# torch first, alone: the pinned build comes from the local cache in under a minute
+	$(PIP) install -q -c constraints.txt torch torchvision
+	$(PIP) install -q -c constraints.txt numpy cython
+	$(PIP) install -q -c constraints.txt -e '.[test,bench]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+demo: setup
+	@test -f $(DEMO_DATA)/meta.json || $(VENV)/bin/dbd prepare digits --out $(DEMO_DATA)
+	$(VENV)/bin/dbd run configs/demo/digits_badnets_dbd.yaml run_dir=$(DEMO_RUN)
+
+test: setup
+	$(VENV)/bin/pytest -q tests
+
+bench: setup
+	$(PY) -m benchmarks --out benchmarks/results
+
+clean:
+	rm -rf runs data/digits .pytest_cache

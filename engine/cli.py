@@ -1,0 +1,93 @@
+"""The ``dbd`` command (also ``python -m engine``).
+
+Each subcommand lives in ``engine/commands/<name>.py`` with ``add_arguments(parser)``
+and ``main(args) -> int``; modules are imported only when their command runs, so
+``dbd inspect`` does not pay for importing torch's distributed stack.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = {
+    "prepare": ("prepare", "write a dataset to train/test .beton files + meta.json"),
+    "inspect": ("inspect", "summarise a .beton file: count, image sizes, label histogram"),
+    "run": ("run", "run the stages a config lists (any launcher: torchrun, deepspeed, mpirun, srun)"),
+    "report": ("report", "rebuild report.md and plots of a run directory from its files"),
+    "preview": ("preview", "render clean vs triggered samples of the configured attack"),
+    "export-poisoned": ("export_poisoned", "write what the loader delivers before augmentation to .npz"),
+    "attack-prepare": ("attack_prepare", "precompute attack assets (label-consistent PGD perturbations)"),
+    "bench": ("bench", "run the throughput benchmark suite"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dbd", description="DBD backdoor-defense training engine",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {n:<16} {h}" for n, (_, h) in COMMANDS.items()))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments (COMMAND -h)")
+    return parser
+
+
+def build_command_parser(name: str) -> argparse.ArgumentParser:
+    module, help_text = COMMANDS[name]
+    p = argparse.ArgumentParser(prog=f"dbd {name}", description=help_text)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _command(module).add_arguments(p)
+    return p
+
+
+def _command(module: str):
+    return importlib.import_module(f"engine.commands.{module}")
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment
+    # carries the same fact, so the flag is dropped rather than declared everywhere.
+    out = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+            continue
+        if a in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.errors import UserError
+
+    argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    top = build_parser().parse_args(argv)
+    args = build_command_parser(top.command).parse_args(top.args)
+    debug = top.debug or args.debug
+    try:
+        return int(_command(COMMANDS[top.command][0]).main(args) or 0)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``dbd`` subcommand: ``add_arguments(parser)`` and ``main(args)``."""

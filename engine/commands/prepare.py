@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from engine.data.sources import READERS
+
+    p.add_argument("dataset", choices=READERS, help="source format")
+    p.add_argument("--source", help="path to the dataset in its standard format (not needed for digits)")
+    p.add_argument("--out", required=True, help="output folder for train.beton, test.beton, meta.json")
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.add_argument("--classes", dest="classes_file", help="imagefolder: file of class folder names to keep")
+    p.add_argument("--size", type=int, default=32, help="gtsrb: side the images are resized to (default 32)")
+    p.add_argument("--max-resolution", type=int, default=512,
+                   help="imagefolder: cap on the longer side, in pixels (default 512)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="imagefolder: JPEG quality (default 90)")
+    p.add_argument("--write-mode", default="", choices=["", "raw", "jpg", "smart"],
+                   help="FFCV write mode (default: raw for fixed-size sets, jpg for imagefolder)")
+    p.add_argument("--workers", type=int, default=0, help="writer processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    from engine.data.prepare import WriterSettings, describe, prepare
+
+    meta = prepare(args.dataset, args.source, args.out, force=args.force, classes_file=args.classes_file,
+                   size=args.size, progress=not args.no_progress,
+                   writer=WriterSettings(write_mode=args.write_mode, max_resolution=args.max_resolution,
+                                         jpeg_quality=args.jpeg_quality, num_workers=args.workers))
+    print(describe(meta))
+    print(f"wrote {args.out}/train.beton, test.beton, meta.json")
+    return 0

@@ -1,0 +1,1 @@
+"""Datasets: readers for on-disk formats, the FFCV writer, and the loaders."""

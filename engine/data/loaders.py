@@ -1,0 +1,91 @@
+"""FFCV loaders for every stage.
+
+A loader delivers the raw uint8 NHWC image (trigger already applied, no augmentation),
+the (possibly poisoned) label and the dataset index of each sample, all as CPU tensors.
+Views are cut afterwards on the device by ``kernels`` (GPU: Triton; CPU: PyTorch), so
+the loader does one decode per sample and no per-sample augmentation work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from engine.data.beton import open_beton
+from engine.data.order import ShardedOrder
+from engine.errors import UserError
+
+
+class PoisonOps(Protocol):
+    """What an attack contributes to a pipeline (``engine.attacks.ops`` builds it)."""
+
+    def image_decoder(self, *, fixed_size: bool, decode_size: int, train: bool) -> Any | None:
+        """A decoder that applies the trigger itself (variable-size JPEG data), or None."""
+
+    def image_ops(self) -> list:
+        """Operations after decoding, before ToTensor (fixed-size data)."""
+
+    def label_ops(self) -> list:
+        """Operations after IntDecoder, before ToTensor (label changes by index)."""
+
+
+@dataclass
+class LoaderSpec:
+    root: str
+    split: str  # train | test
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 2
+    indices: Sequence[int] | None = None
+    decode_size: int = 32  # variable-size data is decoded to this square
+    train: bool = True  # variable-size data: full-square centre crop (True) or Resize+CenterCrop 224/256
+    os_cache: bool = True
+    batches_ahead: int = 3
+
+
+def beton_path(root: str | Path, split: str) -> Path:
+    return Path(root) / f"{split}.beton"
+
+
+def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
+    """Build an FFCV ``Loader`` yielding ``(images uint8 NHWC, labels int64, indices int64)``."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader
+    from ffcv.transforms import Squeeze, ToTensor
+
+    path = beton_path(spec.root, spec.split)
+    reader = open_beton(path)  # validates the file before FFCV trusts it
+    meta = reader.metadata[reader.metadata.dtype.names[reader.field_names.index("image")]]
+    fixed = bool((meta["height"] == meta["height"][0]).all() and (meta["width"] == meta["width"][0]).all())
+    if spec.indices is not None and len(spec.indices) == 0:
+        raise UserError(f"loader over {path} was given an empty index subset")
+
+    decoder = poison.image_decoder(fixed_size=fixed, decode_size=spec.decode_size, train=spec.train) if poison else None
+    if decoder is None:
+        if fixed:
+            decoder = SimpleRGBImageDecoder()
+        else:
+            ratio = 1.0 if spec.train else 224 / 256
+            decoder = CenterCropRGBImageDecoder((spec.decode_size, spec.decode_size), ratio=ratio)
+    image_pipe = [decoder] + (poison.image_ops() if poison else []) + [ToTensor()]
+    label_pipe = [IntDecoder()] + (poison.label_ops() if poison else []) + [ToTensor(), Squeeze(1)]
+    index_pipe = [IntDecoder(), ToTensor(), Squeeze(1)]
+    order = ShardedOrder(seed=spec.seed, shuffle=spec.shuffle, rank=spec.rank, world_size=spec.world_size)
+    return Loader(
+        str(path),
+        batch_size=spec.batch_size,
+        num_workers=spec.num_workers,
+        os_cache=spec.os_cache,
+        order=order,
+        indices=None if spec.indices is None else np.asarray(spec.indices, dtype=np.int64),
+        pipelines={"image": image_pipe, "label": label_pipe, "index": index_pipe},
+        drop_last=spec.drop_last,
+        batches_ahead=spec.batches_ahead,
+    )

@@ -1,0 +1,80 @@
+"""ResNets: the CIFAR variant (3x3 stride-1 stem, no max-pool) and torchvision's."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.errors import UserError
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class CifarResNet18(nn.Module):
+    """ResNet-18 for 32 px inputs; ``width`` scales every stage (64 = the standard net)."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        layers, in_planes = [], w
+        for i, (mult, stride) in enumerate([(1, 1), (2, 2), (4, 2), (8, 2)]):
+            blocks = [BasicBlock(in_planes, w * mult, stride), BasicBlock(w * mult, w * mult, 1)]
+            in_planes = w * mult
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.feature_dim = in_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+class TorchvisionBackbone(nn.Module):
+    """torchvision ResNet-18/50 (7x7 stem, max-pool) without its classifier."""
+
+    def __init__(self, arch: str, width: int = 64):
+        super().__init__()
+        import torchvision
+
+        if arch == "resnet18":
+            net = torchvision.models.resnet18(weights=None)
+        elif arch == "resnet50":
+            # width_per_group scales the bottleneck width (64 = standard ResNet-50).
+            net = torchvision.models.resnet50(weights=None, width_per_group=width)
+        else:
+            raise UserError(f"unknown torchvision arch {arch!r}")
+        if arch == "resnet18" and width != 64:
+            raise UserError("model.width must be 64 for resnet18 (torchvision); use cifar_resnet18 to vary it")
+        self.feature_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_backbone(arch: str, width: int = 64) -> nn.Module:
+    if arch == "cifar_resnet18":
+        return CifarResNet18(width)
+    if arch in ("resnet18", "resnet50"):
+        return TorchvisionBackbone(arch, width)
+    raise UserError(f"unknown model.arch {arch!r}: must be cifar_resnet18, resnet18 or resnet50")

@@ -1,0 +1,1 @@
+"""Run outputs: metrics.jsonl, summary.json, report.md and plots."""

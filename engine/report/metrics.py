@@ -1,0 +1,51 @@
+"""Machine-readable metrics: one JSON object per line, appended by rank 0 only.
+
+Lines are flushed and fsynced as they are written, so a killed run keeps every record
+up to the kill; a resumed stage appends to the same file (records carry the stage,
+epoch and step, so duplicates after a resume are recognisable).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.fsutil import _json_default
+
+
+class MetricsWriter:
+    def __init__(self, path: str | Path, enabled: bool = True, **context: Any):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.context = context
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def with_context(self, **context: Any) -> "MetricsWriter":
+        return MetricsWriter(self.path, self.enabled, **{**self.context, **context})
+
+    def log(self, kind: str, **values: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), "kind": kind, **self.context, **values}
+        line = json.dumps(record, default=_json_default)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All complete records; a torn last line (a kill mid-write) is skipped."""
+    out = []
+    path = Path(path)
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
