@@ -22,10 +22,14 @@ class PoisonOps(Protocol):
     """What an attack contributes to a pipeline (``engine.attacks.ops`` builds it)."""
 
     def image_decoder(self, *, fixed_size: bool, decode_size: int, train: bool) -> Any | None:
-        """A decoder that applies the trigger itself (variable-size JPEG data), or None."""
+        """A decoder that applies the trigger itself (variable-size JPEG data), or None.
+
+        It must crop like the default decoder (:func:`crop_ratio`), so clean and
+        poisoned samples of one loader are framed alike."""
 
     def image_ops(self) -> list:
-        """Operations after decoding, before ToTensor (fixed-size data)."""
+        """Operations after decoding, before ToTensor; used only when
+        ``image_decoder`` returned None (fixed-size data)."""
 
     def label_ops(self) -> list:
         """Operations after IntDecoder, before ToTensor (label changes by index)."""
@@ -49,6 +53,16 @@ class LoaderSpec:
     batches_ahead: int = 3
 
 
+# Eval-mode framing of variable-size data: Resize(256) + CenterCrop(224), i.e. a centre
+# crop of 224/256 of the shorter side (the reference's ImageNet test transform).
+EVAL_CROP_RATIO = 224 / 256
+
+
+def crop_ratio(train: bool) -> float:
+    """Centre-crop side over the shorter image side for variable-size data."""
+    return 1.0 if train else EVAL_CROP_RATIO
+
+
 def beton_path(root: str | Path, split: str) -> Path:
     return Path(root) / f"{split}.beton"
 
@@ -68,13 +82,14 @@ def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
         raise UserError(f"loader over {path} was given an empty index subset")
 
     decoder = poison.image_decoder(fixed_size=fixed, decode_size=spec.decode_size, train=spec.train) if poison else None
+    # A poisoning decoder triggers while decoding; otherwise image ops do it after.
+    image_ops = poison.image_ops() if poison is not None and decoder is None else []
     if decoder is None:
         if fixed:
             decoder = SimpleRGBImageDecoder()
         else:
-            ratio = 1.0 if spec.train else 224 / 256
-            decoder = CenterCropRGBImageDecoder((spec.decode_size, spec.decode_size), ratio=ratio)
-    image_pipe = [decoder] + (poison.image_ops() if poison else []) + [ToTensor()]
+            decoder = CenterCropRGBImageDecoder((spec.decode_size, spec.decode_size), ratio=crop_ratio(spec.train))
+    image_pipe = [decoder] + image_ops + [ToTensor()]
     label_pipe = [IntDecoder()] + (poison.label_ops() if poison else []) + [ToTensor(), Squeeze(1)]
     index_pipe = [IntDecoder(), ToTensor(), Squeeze(1)]
     order = ShardedOrder(seed=spec.seed, shuffle=spec.shuffle, rank=spec.rank, world_size=spec.world_size)

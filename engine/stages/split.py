@@ -1,0 +1,103 @@
+"""DBD's split: per-sample SCE loss, the lowest ``epsilon`` fraction keeps its label.
+
+The loss pass runs with the model in eval mode on the training set with training
+augmentation (dbd.md). It is distributed without changing the result: the sorted
+index list is cut into fixed global batches, batch k goes to rank k mod W, and the
+augmentation of batch k is seeded by k alone, so every world size scores every sample
+with the same view; losses are then gathered by index on every rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.data.loaders import LoaderSpec, make_loader
+from engine.losses.sce import symmetric_cross_entropy
+from engine.stages.evaluate import autocast
+
+SPLIT_BATCH = 256
+SPLIT_SALT = 7919  # keeps split views apart from the training views of the same step
+
+
+@dataclass
+class Split:
+    labelled: np.ndarray  # dataset indices, sorted
+    unlabelled: np.ndarray
+    losses: np.ndarray  # per training sample, by index
+
+    def quality(self, poisoned: np.ndarray) -> dict:
+        """Split quality as a poison detector (the unlabelled part is the 'detected' set)."""
+        p_l = int(poisoned[self.labelled].sum())
+        p_u = int(poisoned[self.unlabelled].sum())
+        total_p = p_l + p_u
+        pct = lambda a, b: 100.0 * a / b if b else 0.0  # noqa: E731
+        return {"labelled": int(len(self.labelled)), "unlabelled": int(len(self.unlabelled)),
+                "poisoned_labelled": p_l,
+                "labelled_poison_share": pct(p_l, len(self.labelled)),
+                "poisoned_in_labelled": pct(p_l, total_p),
+                "precision": pct(p_u, len(self.unlabelled)), "recall": pct(p_u, total_p)}
+
+
+def select_lowest(losses: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ``int(epsilon * N)`` lowest losses; ties go to the lower index."""
+    n = len(losses)
+    order = np.lexsort((np.arange(n), losses))
+    k = int(epsilon * n)
+    return np.sort(order[:k]), np.sort(order[k:])
+
+
+def rank_batches(n: int, rank: int, world_size: int, batch: int = SPLIT_BATCH) -> tuple[np.ndarray, list[int]]:
+    """Indices rank ``rank`` scores and the global batch numbers they form."""
+    ks = list(range(rank, -(-n // batch), world_size))
+    if not ks:
+        return np.zeros(0, dtype=np.int64), []
+    idx = np.concatenate([np.arange(k * batch, min((k + 1) * batch, n)) for k in ks])
+    return idx, ks
+
+
+@torch.no_grad()
+def per_sample_losses(ctx, module: torch.nn.Module, augment, epoch: int, labels: np.ndarray,
+                      alpha: float, beta: float) -> np.ndarray:
+    cfg, dist = ctx.cfg, ctx.dist
+    n = len(labels)
+    idx, ks = rank_batches(n, dist.rank, dist.world_size)
+    local = torch.full((n,), float("nan"), dtype=torch.float64)
+    if len(idx):
+        loader = make_loader(LoaderSpec(root=cfg.data.root, split="train", batch_size=SPLIT_BATCH, shuffle=False,
+                                        drop_last=False, num_workers=cfg.data.num_workers, indices=idx,
+                                        decode_size=cfg.data.decode_size or cfg.data.image_size, train=True),
+                             poison=ctx.poison.train_ops() if ctx.poison is not None else None)
+        was_training = module.training
+        module.eval()
+        for (images, y, indices), k in zip(loader, ks):
+            x = augment(images.to(dist.device, non_blocking=True), seed=cfg.seed, epoch=epoch, step=k, rank=0,
+                        salt=SPLIT_SALT)
+            with autocast(cfg, dist.device):
+                logits = module(x)
+            loss = symmetric_cross_entropy(logits.float(), y.to(dist.device), alpha, beta, reduction="none")
+            local[indices] = loss.double().cpu()
+        module.train(was_training)
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        # Each sample is scored by exactly one rank; NaN elsewhere. Summing after
+        # zeroing the NaNs assembles the full vector on every rank.
+        mask = (~torch.isnan(local)).double()
+        vals = torch.nan_to_num(local, nan=0.0)
+        dev = dist.device if dist.backend == "nccl" else torch.device("cpu")
+        vals, mask = vals.to(dev), mask.to(dev)
+        tdist.all_reduce(vals)
+        tdist.all_reduce(mask)
+        if not torch.all(mask == 1):
+            raise RuntimeError("split: some training samples were scored by no rank or by two")
+        local = vals.cpu()
+    return local.numpy()
+
+
+def compute_split(ctx, module, augment, epoch: int, epsilon: float, alpha: float, beta: float) -> Split:
+    labels = np.asarray(ctx.poison.plan.labels)
+    losses = per_sample_losses(ctx, module, augment, epoch, labels, alpha, beta)
+    labelled, unlabelled = select_lowest(losses, epsilon)
+    return Split(labelled=labelled, unlabelled=unlabelled, losses=losses)
