@@ -50,6 +50,10 @@ class BadNetsConfig:
     # coloured patch at rows/cols 4-5), or a path to an RGBA/RGB PNG (alpha = mask).
     pattern: str = "white3x3"
     pattern_size: int = 32  # resolution the pattern is defined at; resized for others
+    # Where a patch smaller than pattern_size goes: bottom_right, bottom_left, top_right,
+    # top_left, center, or "ROW,COL" (top-left pixel at pattern_size); "" = the preset's
+    # own place (bottom_right for a file).
+    position: str = ""
 
 
 @dataclass
@@ -84,6 +88,10 @@ class LabelConsistentConfig:
     # use the run's own ``supervised`` stage on clean data (``dbd attack-prepare``).
     model: str = ""
     perturbations: str = ""  # cache written by ``dbd attack-prepare``; empty = run dir
+    # The quick clean classifier ``dbd attack-prepare`` trains when ``model`` is empty.
+    train_epochs: int = 5
+    train_lr: float = 0.05
+    batch_size: int = 128
 
 
 @dataclass
@@ -121,6 +129,14 @@ class AttackConfig:
         _check(self.wanet.k >= 2, "attack.wanet.k", "must be >= 2")
         _check(self.wanet.cross_ratio >= 0, "attack.wanet.cross_ratio", "must be >= 0")
         _check(self.label_consistent.steps >= 1, "attack.label_consistent.steps", "must be >= 1")
+        _check(0 < self.label_consistent.eps <= 1, "attack.label_consistent.eps", "must be in (0, 1]")
+        _check(self.label_consistent.step_size > 0, "attack.label_consistent.step_size", "must be > 0")
+        _check(self.label_consistent.train_epochs >= 1, "attack.label_consistent.train_epochs", "must be >= 1")
+        _check(self.label_consistent.batch_size >= 1, "attack.label_consistent.batch_size", "must be >= 1")
+        _check(self.badnets.pattern_size >= 1, "attack.badnets.pattern_size", "must be >= 1")
+        _check(self.wanet.s >= 0, "attack.wanet.s", "must be >= 0")
+        _check(self.wanet.grid_rescale > 0, "attack.wanet.grid_rescale", "must be > 0")
+        _check(self.sig.f > 0, "attack.sig.f", "must be > 0")
 
     @property
     def clean_label(self) -> bool:
@@ -272,7 +288,7 @@ class SupervisedConfig:
 @dataclass
 class DistributedConfig:
     backend: str = "ddp"  # ddp | deepspeed
-    deepspeed_config: str = "configs/deepspeed/zero0_bf16.json"
+    deepspeed_config: str = "configs/deepspeed/zero0_fp32.json"  # match precision when changing it
     # "global": stage batch sizes are the sum over ranks (divided by world size);
     # "per_rank": every rank takes the full configured batch.
     batch_semantics: str = "global"
@@ -283,6 +299,9 @@ class DistributedConfig:
     channels_last: bool = True
     timeout_s: int = 600  # a dead rank ends the job after this many seconds
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
+    # Gradient-norm clipping for both backends (0 = off, the reference). A DeepSpeed JSON
+    # must agree or leave gradient_clipping out (DeepSpeed >= 0.19.3 defaults it to 1.0).
+    grad_clip: float = 0.0
 
     def validate(self) -> None:
         _check(self.backend in ("ddp", "deepspeed"), "distributed.backend",
@@ -291,6 +310,8 @@ class DistributedConfig:
                "must be global or per_rank")
         _check(self.lr_scaling in ("none", "linear", "sqrt"), "distributed.lr_scaling", "must be none, linear or sqrt")
         _check(self.timeout_s >= 10, "distributed.timeout_s", "must be >= 10")
+        _check(self.grad_clip >= 0, "distributed.grad_clip", "must be >= 0 (0 = off)")
+        _check(self.checkpoint_every >= 0, "distributed.checkpoint_every", "must be >= 0")
 
 
 @dataclass

@@ -1,0 +1,69 @@
+"""FLOPs per image of the engine's backbones, counted on the real models.
+
+``torch.utils.flop_counter.FlopCounterMode`` counts the matrix products and
+convolutions (the FLOPs that decide a GPU's speed; BatchNorm, ReLU and pooling are
+left out, as in the usual published figures). One multiply-add counts as 2 FLOPs.
+Forward and forward+backward are counted separately; the backward of the first
+convolution's input gradient is not needed and not counted, as in real training.
+
+With these, a measured images/second on a GPU becomes a share of the device's peak:
+``images/s x FLOPs/image / peak FLOP/s``. Peak figures are not in this file: they
+depend on the card and the precision, and are stated where the GPU results are.
+"""
+from __future__ import annotations
+
+import torch
+
+# (label, arch, image size): the CIFAR ResNet-18 of the reference, and torchvision's
+# ResNet-18/50 at ImageNet size.
+MODELS = (("cifar_resnet18@32", "cifar_resnet18", 32), ("resnet18@224", "resnet18", 224),
+          ("resnet50@224", "resnet50", 224))
+
+
+def count(arch: str, size: int, batch: int = 2, head: str = "backbone", width: int = 64) -> dict:
+    """FLOPs per image for ``arch`` at ``size`` px (counted on ``batch`` images, divided).
+
+    ``head``: ``backbone`` alone, or ``simclr`` (backbone + the SimCLR projection head).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.models import SimCLRModel, build_backbone
+
+    # On the meta device: shapes only, so the count is exact and takes no compute.
+    with torch.device("meta"):
+        model = SimCLRModel(arch, width) if head == "simclr" else build_backbone(arch, width)
+        x = torch.randn(batch, 3, size, size)
+    model.train()
+    with FlopCounterMode(display=False) as fwd:
+        out = model(x)
+    with FlopCounterMode(display=False) as bwd:
+        out.float().sum().backward()
+    f, b = fwd.get_total_flops() / batch, bwd.get_total_flops() / batch
+    return {"forward": f, "backward": b, "forward_backward": f + b}
+
+
+def run(quick: bool = False) -> dict:
+    models = MODELS  # counted on the meta device: as cheap in quick mode as in full
+    measurements = {}
+    per_model = {}
+    for label, arch, size in models:
+        c = count(arch, size)
+        per_model[label] = {k: v / 1e9 for k, v in c.items()}
+        for kind in ("forward", "forward_backward"):
+            v = c[kind] / 1e9
+            measurements[f"{label}/{kind}"] = {"unit": "GFLOP/image", "median": v, "reps": [v],
+                                               "q1": v, "q3": v, "min": v, "max": v}
+    simclr = count("cifar_resnet18", 32, head="simclr")
+    v = simclr["forward_backward"] / 1e9
+    measurements["cifar_resnet18@32+simclr_head/forward_backward"] = {
+        "unit": "GFLOP/image", "median": v, "reps": [v], "q1": v, "q3": v, "min": v, "max": v}
+    return {
+        "unit": "GFLOP/image",
+        "settings": {"counter": "torch.utils.flop_counter.FlopCounterMode", "width": 64, "quick": quick,
+                     "models": [m[0] for m in models],
+                     "convention": "2 FLOPs per multiply-add; convolutions and matrix products only"},
+        "gflops_per_image": per_model,
+        "measurements": measurements,
+        "notes": ["a SimCLR training step processes 2 views per image: its FLOPs per image are twice the "
+                  "forward_backward figure (plus the small projection head)"],
+    }

@@ -1,0 +1,154 @@
+"""How the DBD reference code feeds training, faithfully re-created.
+
+The reference (SCLBD/DBD; BackdoorBench's copy for ImageNet) keeps CIFAR-10 in memory
+as a uint8 array (torchvision.datasets.CIFAR10) or reads ImageNet JPEG files with PIL;
+``__getitem__`` applies the trigger to the sample with NumPy, turns it into a PIL
+image and runs a PIL-based ``transforms.Compose`` on it, twice for SimCLR's two views;
+a ``DataLoader`` with worker processes batches the results. Everything per sample, in
+Python, on the host CPU: that is the cost the engine's loader is measured against.
+
+The transforms are built from the engine's own view specs (``kernels.SimCLRSpec``,
+``kernels.WeakSpec``) so that both sides compute the same augmentation.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+# The reference's ImageNet framing: the trigger goes on after Resize(256) + CenterCrop(224).
+IMAGENET_RESIZE = 256
+IMAGENET_CROP = 224
+
+
+def simclr_transform(spec):
+    """The reference SimCLR view as a PIL ``transforms.Compose`` (one call = one view)."""
+    import torchvision.transforms as T
+
+    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[spec.interpolation]
+    return T.Compose([
+        T.RandomResizedCrop(spec.size, scale=tuple(spec.scale), ratio=tuple(spec.ratio), interpolation=interp),
+        T.RandomHorizontalFlip(p=spec.flip_p),
+        T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p),
+        T.RandomGrayscale(p=spec.grayscale_p),
+        T.RandomApply([T.GaussianBlur(spec.blur_kernel_size, sigma=tuple(spec.blur_sigma))], p=spec.blur_p),
+        T.ToTensor(),
+        T.Normalize(spec.mean, spec.std),
+    ])
+
+
+def weak_transform(spec):
+    """The stage-2/3 view: RandomCrop(padding, reflect) + flip for a ``WeakSpec``;
+    RandomResizedCrop + flip (ImageNet) for a colour-free ``SimCLRSpec``."""
+    import torchvision.transforms as T
+
+    from kernels import WeakSpec
+
+    if isinstance(spec, WeakSpec):
+        crop = T.RandomCrop(spec.size, padding=spec.padding, padding_mode=spec.padding_mode)
+    else:
+        interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[spec.interpolation]
+        crop = T.RandomResizedCrop(spec.size, scale=tuple(spec.scale), ratio=tuple(spec.ratio), interpolation=interp)
+    return T.Compose([crop, T.RandomHorizontalFlip(p=spec.flip_p), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+
+class BadNetsTrigger:
+    """The reference's BadNets: zero the pattern's non-zero positions, then add the pattern.
+
+    ``pattern`` is a full-size uint8 HWC image, black except for the trigger (the DBD
+    reference loads it from a PNG of the image's size).
+    """
+
+    def __init__(self, pattern: np.ndarray):
+        self.pattern = np.asarray(pattern, dtype=np.uint8)
+        self.loc = np.nonzero(self.pattern)
+
+    @classmethod
+    def white3x3(cls, height: int, width: int) -> "BadNetsTrigger":
+        # The same frame the engine's white3x3 preset defines at 32 px, scaled to the
+        # image by nearest neighbour, so both sides put the same pixels on the image.
+        from engine.attacks.badnets import build_frame
+        from engine.attacks.base import resample_nearest
+
+        pattern, mask = build_frame("white3x3", 32, "")
+        return cls(np.where(resample_nearest(mask, height, width), resample_nearest(pattern, height, width), 0))
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        img = np.array(img, dtype=np.uint8)  # a copy: the dataset's own array stays clean
+        img[self.loc] = 0
+        return img + self.pattern
+
+
+class _PoisonDataset(Dataset):
+    """Shared ``__getitem__`` logic: trigger, label, then the views.
+
+    ``transform`` None returns the (triggered) uint8 HWC image as a tensor, what the
+    engine's loader delivers before its device-side views; used to time the loader
+    part alone.
+    """
+
+    def __init__(self, labels, poisoned, target: int, trigger, transform, views: int):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.poisoned = np.zeros(len(self.labels), dtype=bool) if poisoned is None else np.asarray(poisoned, bool)
+        self.target = int(target)
+        self.trigger = trigger
+        self.transform = transform
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _raw(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        img = self._raw(index)
+        label = int(self.labels[index])
+        if self.poisoned[index]:
+            img = self.trigger(img)
+            label = self.target
+        if self.transform is None:
+            # A copy: the source may be a read-only view (PIL's buffer, the dataset's array).
+            return torch.from_numpy(np.array(img, dtype=np.uint8)), label, index
+        pil = Image.fromarray(img)
+        return (*[self.transform(pil) for _ in range(self.views)], label, index)
+
+
+class InMemoryPoisonDataset(_PoisonDataset):
+    """CIFAR-style: samples are rows of an in-memory uint8 (N, H, W, 3) array."""
+
+    def __init__(self, images: np.ndarray, labels, poisoned=None, target: int = 0, trigger=None,
+                 transform=None, views: int = 1):
+        super().__init__(labels, poisoned, target, trigger, transform, views)
+        self.images = images
+
+    def _raw(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+
+class JPEGPoisonDataset(_PoisonDataset):
+    """ImageNet-style: JPEG files opened with PIL, Resize(256) + CenterCrop(224), then the trigger."""
+
+    def __init__(self, paths, labels, poisoned=None, target: int = 0, trigger=None, transform=None,
+                 views: int = 1):
+        import torchvision.transforms as T
+
+        super().__init__(labels, poisoned, target, trigger, transform, views)
+        self.paths = list(paths)
+        self.frame = T.Compose([T.Resize(IMAGENET_RESIZE), T.CenterCrop(IMAGENET_CROP)])
+
+    def _raw(self, index: int) -> np.ndarray:
+        from PIL import Image
+
+        with open(self.paths[index], "rb") as f:
+            img = Image.open(f).convert("RGB")
+        return np.asarray(self.frame(img))
+
+
+def reference_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: bool = True,
+                     drop_last: bool = True, seed: int = 0) -> DataLoader:
+    """The reference's DataLoader: worker processes, shuffled, default collation."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))

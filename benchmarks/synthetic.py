@@ -1,0 +1,189 @@
+"""The data sets the benchmarks read, built once and cached.
+
+Two shapes, each written for both sides of a comparison from the same pixels:
+
+- CIFAR-size: N random uint8 32x32 images. The engine reads a raw ``.beton``; the
+  reference holds the same array in memory, as ``torchvision.datasets.CIFAR10`` does.
+- ImageNet-size: crops of about 400x350 pixels (sizes vary, as real ImageNet's do) from
+  the photos bundled with scikit-learn. The reference reads them as JPEG files with
+  PIL; the engine reads a JPEG ``.beton`` written from the same decoded pixels at the
+  same quality.
+
+Each set is a folder like ``dbd prepare`` writes (train.beton, test.beton, meta.json),
+so the engine's loaders and ``engine.attacks.runtime.build_poison`` take it as is.
+The cache lives in ``$DBD_BENCH_CACHE`` (default: a folder in the system temp dir);
+``meta.json`` is written last, so its presence marks a complete set.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Bump when what a cached set holds changes, so stale caches are not reused.
+FORMAT = 2
+NUM_CLASSES = 10
+JPEG_QUALITY = 90
+TEST_COUNT = 64  # build_poison reads the test labels; the benchmarks never load them
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DBD_BENCH_CACHE")
+    if root:
+        return Path(root)
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"dbd-bench-cache-{uid}"
+
+
+@dataclass
+class BenchSet:
+    root: Path  # the prepared folder (train.beton, test.beton, meta.json)
+    meta: dict
+    labels: np.ndarray  # int64[N], clean training labels
+    images: np.ndarray | None  # uint8 (N, 32, 32, 3): the in-memory reference copy (CIFAR-size)
+    jpeg_paths: list[str] | None  # JPEG files of the training images (ImageNet-size)
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+
+class _ArrayDataset:
+    """``(image, label, index)`` items for engine.data.beton.write_beton."""
+
+    def __init__(self, images, labels):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i]), int(i)
+
+
+def _meta(name: str, labels: np.ndarray, test_labels: np.ndarray, sizes: np.ndarray, test_sizes: np.ndarray,
+          fixed: bool, content_hash: str) -> dict:
+    def split(lab, sz):
+        values, counts = np.unique(lab, return_counts=True)
+        return {"count": int(len(lab)), "label_histogram": {str(int(v)): int(c) for v, c in zip(values, counts)},
+                "height": [int(sz[:, 0].min()), int(sz[:, 0].max())],
+                "width": [int(sz[:, 1].min()), int(sz[:, 1].max())]}
+
+    return {"name": name, "classes": [f"class{c}" for c in range(NUM_CLASSES)], "num_classes": NUM_CLASSES,
+            "splits": {"train": split(labels, sizes), "test": split(test_labels, test_sizes)},
+            "fixed_size": fixed, "content_hash": content_hash, "source": None,
+            "writer": {"write_mode": "raw" if fixed else "jpg", "jpeg_quality": JPEG_QUALITY,
+                       "fields": ["image", "label", "index"]},
+            "notes": {"synthetic": True, "format": FORMAT}, "seconds": 0.0}
+
+
+def _write_set(root: Path, name: str, train_images, labels, test_images, test_labels, fixed: bool) -> dict:
+    from engine.data.beton import write_beton
+    from engine.fsutil import write_json
+
+    root.mkdir(parents=True, exist_ok=True)
+    mode = "raw" if fixed else "jpg"
+    workers = max(1, min(2, os.cpu_count() or 1))
+    for split, imgs, labs in (("train", train_images, labels), ("test", test_images, test_labels)):
+        write_beton(root / f"{split}.beton", _ArrayDataset(imgs, labs), fixed_size=fixed, write_mode=mode,
+                    max_resolution=0 if fixed else 512, jpeg_quality=JPEG_QUALITY, num_workers=workers,
+                    progress=False)
+    sizes = np.array([im.shape[:2] for im in train_images], dtype=np.int64)
+    test_sizes = np.array([im.shape[:2] for im in test_images], dtype=np.int64)
+    h = hashlib.sha256(f"{name}:{FORMAT}".encode())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    meta = _meta(name, labels, test_labels, sizes, test_sizes, fixed, h.hexdigest())
+    write_json(root / "meta.json", meta)
+    return meta
+
+
+def _load_meta(root: Path) -> dict | None:
+    path = root / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return meta if meta.get("notes", {}).get("format") == FORMAT else None
+
+
+def cifar_like(n: int, seed: int = 0) -> BenchSet:
+    """``n`` random 32x32 images in 10 balanced classes, raw ``.beton`` + in-memory array."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    labels = (np.arange(n) % NUM_CLASSES).astype(np.int64)
+    rng.shuffle(labels)
+    root = cache_dir() / f"cifar32-n{n}-s{seed}-v{FORMAT}"
+    meta = _load_meta(root)
+    if meta is None:
+        test = rng.integers(0, 256, size=(TEST_COUNT, 32, 32, 3), dtype=np.uint8)
+        meta = _write_set(root, "bench-cifar32", images, labels, test,
+                          (np.arange(TEST_COUNT) % NUM_CLASSES).astype(np.int64), fixed=True)
+    return BenchSet(root=root, meta=meta, labels=labels, images=images, jpeg_paths=None)
+
+
+def _photo_crops(n: int, seed: int) -> list[np.ndarray]:
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images  # two 427x640 photos
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = int(rng.integers(330, 371)), int(rng.integers(380, 421))
+        top = int(rng.integers(0, img.shape[0] - h + 1))
+        left = int(rng.integers(0, img.shape[1] - w + 1))
+        crop = img[top:top + h, left:left + w]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out.append(np.ascontiguousarray(crop))
+    return out
+
+
+def imagenet_like(n: int, seed: int = 0) -> BenchSet:
+    """``n`` photo crops of about 400x350 as JPEG files and as a JPEG ``.beton``."""
+    from PIL import Image
+
+    root = cache_dir() / f"jpeg400-n{n}-s{seed}-v{FORMAT}"
+    files = root / "jpeg"
+    labels = (np.arange(n) % NUM_CLASSES).astype(np.int64)
+    paths = [str(files / f"{i:06d}.jpg") for i in range(n)]
+    meta = _load_meta(root)
+    if meta is None or not all(Path(p).is_file() for p in paths):
+        files.mkdir(parents=True, exist_ok=True)
+        crops = _photo_crops(n + TEST_COUNT, seed)
+        decoded = []
+        for i, crop in enumerate(crops[:n]):
+            tmp = files / f".{i:06d}.jpg.tmp"
+            Image.fromarray(crop).save(tmp, format="JPEG", quality=JPEG_QUALITY)
+            os.replace(tmp, paths[i])
+            # The .beton gets the pixels the reference will decode, so both sides
+            # start from the same image content.
+            with Image.open(paths[i]) as im:
+                decoded.append(np.asarray(im.convert("RGB")))
+        test = crops[n:]
+        meta = _write_set(root, "bench-jpeg400", decoded, labels, test,
+                          (np.arange(TEST_COUNT) % NUM_CLASSES).astype(np.int64), fixed=False)
+    return BenchSet(root=root, meta=meta, labels=labels, images=None, jpeg_paths=paths)
+
+
+def poison_runtime(bench: BenchSet, *, image_size: int, decode_size: int, ratio: float = 0.1, target: int = 0,
+                   num_workers: int = 2):
+    """The engine's BadNets poisoning of ``bench`` (BackdoorBench's white 3x3 patch,
+    ``ratio`` of all samples): a PoisonRuntime built in memory, and its config."""
+    from engine.attacks.runtime import build_poison
+    from engine.config import load_config
+
+    cfg = load_config(None, [f"data.name={bench.meta['name']}", f"data.root={bench.root}",
+                             f"data.image_size={image_size}", f"data.decode_size={decode_size}",
+                             f"data.num_workers={num_workers}", "attack.name=badnets",
+                             f"attack.target={target}", f"attack.ratio={ratio}", "attack.select_from=all",
+                             "attack.badnets.pattern=white3x3"])
+    return build_poison(cfg, bench.meta, None), cfg

@@ -1,0 +1,156 @@
+"""BadNets: pixels where the trigger mask is set take the trigger's values.
+
+The trigger is a full frame of ``pattern_size`` x ``pattern_size`` pixels: an RGB
+pattern and a per-channel mask. Per channel, because the DBD reference replaces each
+channel only where that channel of its (black-background) trigger image is non-zero.
+A frame is built from a preset, an image file or an ``.npz`` (``pattern`` + ``mask``);
+a patch smaller than the frame is placed at ``attack.badnets.position``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from numba import njit
+
+from engine.attacks.base import Attack, check_images, load_rgb, resample_nearest
+from engine.errors import UserError
+
+WHITE, BLACK = 255, 0
+
+# (patch RGB, patch mask or None for "non-zero channels", default position)
+PRESETS = {
+    # BackdoorBench's default: a 3x3 white square in the bottom-right corner.
+    "white3x3": (np.full((3, 3, 3), WHITE, np.uint8), None, "bottom_right"),
+    # The DBD reference's CIFAR trigger: a 2x2 multicoloured patch at rows/cols 4-5,
+    # each channel replaced only where it is non-zero. Its image file is not
+    # redistributed; these four colours give the same structure (some pixels touch
+    # one channel, some two).
+    "dbd2x2": (np.array([[[255, 0, 0], [0, 255, 0]],
+                         [[0, 0, 255], [255, 255, 0]]], np.uint8), None, "4,4"),
+}
+
+POSITIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "center")
+
+
+def parse_position(position: str, patch: tuple[int, int], frame: tuple[int, int], what: str) -> tuple[int, int]:
+    (h, w), (fh, fw) = patch, frame
+    named = {"bottom_right": (fh - h, fw - w), "bottom_left": (fh - h, 0), "top_right": (0, fw - w),
+             "top_left": (0, 0), "center": ((fh - h) // 2, (fw - w) // 2)}
+    if position in named:
+        return named[position]
+    try:
+        row, col = (int(v) for v in position.split(","))
+    except ValueError:
+        raise UserError(f"{what}.position must be one of {', '.join(POSITIONS)} or ROW,COL; "
+                        f"got {position!r}") from None
+    if row < 0 or col < 0 or row + h > fh or col + w > fw:
+        raise UserError(f"{what}: a {h}x{w} trigger at {row},{col} does not fit in the "
+                        f"{fh}x{fw} pattern frame")
+    return row, col
+
+
+def load_patch(spec: str, what: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(patch RGB uint8 [h, w, 3], mask bool [h, w, 3], default position) from a
+    preset name, an image file (alpha = mask; without alpha the non-zero channels) or
+    an ``.npz`` holding ``pattern`` and optionally ``mask`` ([h, w] or [h, w, 3])."""
+    if spec in PRESETS:
+        patch, mask, pos = PRESETS[spec]
+        return patch.copy(), (patch != 0 if mask is None else mask.copy()), pos
+    path = Path(spec)
+    if path.suffix.lower() == ".npz":
+        if not path.is_file():
+            raise UserError(f"{what}: pattern file not found: {path}")
+        with np.load(path) as z:
+            if "pattern" not in z:
+                raise UserError(f"{what}: {path} has no 'pattern' array")
+            patch = np.asarray(z["pattern"])
+            mask = np.asarray(z["mask"]) if "mask" in z else patch != 0
+        if patch.ndim != 3 or patch.shape[-1] != 3 or not np.issubdtype(patch.dtype, np.integer) \
+                or patch.min() < 0 or patch.max() > 255:
+            raise UserError(f"{what}: {path} 'pattern' must be integers in [0, 255] shaped (h, w, 3), "
+                            f"got {patch.dtype} {patch.shape}")
+        if mask.ndim == 2:
+            mask = np.repeat(mask[..., None], 3, axis=-1)
+        if mask.shape != patch.shape:
+            raise UserError(f"{what}: {path} 'mask' {mask.shape} does not match 'pattern' {patch.shape}")
+        return patch.astype(np.uint8), mask.astype(bool), "bottom_right"
+    if not path.suffix and not path.exists():
+        raise UserError(f"{what}: unknown pattern {spec!r}: use {', '.join(PRESETS)} or an image/.npz path")
+    rgb, alpha = load_rgb(spec, what)
+    mask = np.repeat((alpha > 0)[..., None], 3, axis=-1) if alpha is not None else rgb != 0
+    return rgb, mask, "bottom_right"
+
+
+def build_frame(spec: str, pattern_size: int, position: str, what: str = "attack.badnets"
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The full trigger frame (pattern, mask) at ``pattern_size``."""
+    patch, mask, default_pos = load_patch(spec, what)
+    h, w = patch.shape[:2]
+    if h > pattern_size or w > pattern_size:
+        raise UserError(f"{what}: the trigger ({h}x{w}) is larger than the image it is defined on "
+                        f"({pattern_size}x{pattern_size}, {what}.pattern_size)")
+    if not mask.any():
+        raise UserError(f"{what}: the trigger pattern {spec!r} has no pixel in its mask")
+    pattern = np.zeros((pattern_size, pattern_size, 3), np.uint8)
+    full_mask = np.zeros((pattern_size, pattern_size, 3), bool)
+    row, col = parse_position(position or default_pos, (h, w), (pattern_size, pattern_size), what)
+    pattern[row:row + h, col:col + w] = patch
+    full_mask[row:row + h, col:col + w] = mask
+    return pattern, full_mask
+
+
+class BadNets(Attack):
+    name = "badnets"
+    whole_image = False
+
+    def __init__(self, pattern: np.ndarray, mask: np.ndarray):
+        if pattern.shape != mask.shape or pattern.ndim != 3 or pattern.shape[-1] != 3:
+            raise ValueError(f"pattern {pattern.shape} and mask {mask.shape} must both be (h, w, 3)")
+        self.pattern = np.ascontiguousarray(pattern, dtype=np.uint8)
+        self.mask = np.ascontiguousarray(mask, dtype=bool)
+
+    @classmethod
+    def from_config(cls, cfg) -> "BadNets":
+        return cls(*build_frame(cfg.pattern, cfg.pattern_size, cfg.position))
+
+    def apply(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        check_images(images)
+        h, w = images.shape[1:3]
+        pattern = resample_nearest(self.pattern, h, w)
+        mask = resample_nearest(self.mask, h, w)
+        return np.where(mask[None], pattern[None], images)
+
+    def check_fits(self, height: int, width: int) -> None:
+        if not resample_nearest(self.mask, height, width).any():
+            raise UserError(f"the {self.name} trigger ({self.mask.shape[0]} px frame) vanishes when "
+                            f"scaled to a {height}x{width} image: use a larger patch")
+
+    def kernel(self):
+        return patch_kernel(self.pattern, self.mask)
+
+
+def patch_kernel(pattern: np.ndarray, mask: np.ndarray):
+    ph, pw = pattern.shape[:2]
+    rows = np.flatnonzero(mask.any(axis=(1, 2)))
+    cols = np.flatnonzero(mask.any(axis=(0, 2)))
+    # Only rows/columns whose frame pixel lies in the mask's bounding box are visited:
+    # a corner patch costs a few pixels, not a pass over the image.
+    r_lo, r_hi = int(rows[0]), int(rows[-1]) + 1
+    c_lo, c_hi = int(cols[0]), int(cols[-1]) + 1
+
+    def badnets_kernel(win, index):
+        h, w = win.shape[0], win.shape[1]
+        for r in range(h):
+            pr = ((2 * r + 1) * ph) // (2 * h)
+            if pr < r_lo or pr >= r_hi:
+                continue
+            for c in range(w):
+                pc = ((2 * c + 1) * pw) // (2 * w)
+                if pc < c_lo or pc >= c_hi:
+                    continue
+                for k in range(3):
+                    if mask[pr, pc, k]:
+                        win[r, c, k] = pattern[pr, pc, k]
+
+    return njit(nogil=True)(badnets_kernel)

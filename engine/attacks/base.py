@@ -1,0 +1,114 @@
+"""What every attack implements, and the geometry they share.
+
+An attack is a trigger defined on a *frame*: a (height, width) grid at which its
+pattern, warp field or perturbation is specified (the image size for fixed-size data,
+``data.decode_size`` for variable-size JPEG data). It is applied to a *window*: the
+part of a real image that the loader keeps (the whole image for fixed-size data, the
+centre crop at source resolution for JPEG data). Frame and window are linked by
+nearest-neighbour index maps, so a pattern defined at 32 px lands on a 224 px window
+at the same relative place and scale, and a window equal to the frame is an identity.
+
+Two implementations per attack, which must agree pixel for pixel:
+
+- ``apply(images, indices)``: the NumPy reference, plain code, triggers every image.
+- ``kernel()``: a numba function ``kernel(window, index)`` that triggers one HWC
+  uint8 window in place; the FFCV operations in ``engine.attacks.ops`` call it.
+
+FFCV compiles pipelines with ``fastmath=True``, under which floating-point results may
+differ from NumPy's in the last bit (contraction, reassociation). So every float
+computation (blending, sinusoids, warp fields) happens in NumPy at build time, and the
+kernels do integer arithmetic and table look-ups only: exact by construction.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar
+
+import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from engine.errors import UserError
+
+
+class Attack(ABC):
+    name: ClassVar[str]
+    # Clean-label attacks never change labels (SIG, label-consistent).
+    clean_label: ClassVar[bool] = False
+    # True when the trigger rewrites the whole image (blend, sinusoid, warp,
+    # perturbation) rather than a few pixels: worth memoizing per sample.
+    whole_image: ClassVar[bool] = True
+
+    @abstractmethod
+    def apply(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Reference: a triggered copy of ``images`` (uint8 NHWC, any H and W).
+
+        ``indices`` are the dataset indices of the images; attacks whose trigger
+        differs per sample (WaNet's noise mode, label-consistent's perturbations) use
+        them, the others ignore them.
+        """
+
+    @abstractmethod
+    def kernel(self) -> Callable:
+        """A numba function ``kernel(window uint8[h, w, 3], index)`` applying the same
+        trigger in place, integer arithmetic only."""
+
+    def check_fits(self, height: int, width: int) -> None:
+        """Raise UserError when the trigger cannot be drawn on a window of this size."""
+
+
+def check_images(images: np.ndarray) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 NHWC RGB images, got {images.dtype} {images.shape}")
+
+
+def nearest_index(n_out: int, n_src: int) -> np.ndarray:
+    """Source row (or column) of each of ``n_out`` output rows, nearest neighbour
+    with pixel centres aligned: ``floor((i + 0.5) * n_src / n_out)`` in integers.
+    The kernels compute the same expression inline: ``((2 * i + 1) * n_src) // (2 * n_out)``."""
+    i = np.arange(n_out, dtype=np.int64)
+    return ((2 * i + 1) * n_src) // (2 * n_out)
+
+
+def resample_nearest(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``arr`` (frame_h, frame_w, ...) sampled at ``height`` x ``width``."""
+    rows = nearest_index(height, arr.shape[0])
+    cols = nearest_index(width, arr.shape[1])
+    return arr[rows][:, cols]
+
+
+def load_rgb(path: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image file as uint8 RGB plus its alpha channel (None without one)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what}: pattern file not found: {p}")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for unreadable files
+        raise UserError(f"{what}: cannot read pattern image {p}: {e}") from None
+    return np.ascontiguousarray(rgba[..., :3]), (rgba[..., 3] if has_alpha else None)
+
+
+@intrinsic
+def as_pointer(typingctx, address):
+    """An integer address as a void pointer, for ``numba.carray``.
+
+    Arrays reach numba-compiled operations as closure constants, which numba copies
+    into the compiled code and makes read-only. Large or mutable arrays (a
+    perturbation cache, a memo of triggered images) are read through their address
+    instead; whoever builds the function keeps the array alive as long as it runs.
+    """
+    sig = types.voidptr(address)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return sig, codegen

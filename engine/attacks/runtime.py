@@ -1,0 +1,201 @@
+"""The attack of a run: its plan, its triggers, and the loader operations built from them.
+
+``build_poison`` is called once per process. The pipeline calls it on rank 0 first
+(which draws the plan, or loads and verifies the saved one, and writes it), then,
+after a barrier, on the other ranks, which find the saved plan and load it; the draw
+is deterministic anyway, so every rank would agree even without the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engine.attacks.base import Attack
+from engine.attacks.plan import PLAN_FILE, PoisonPlan, make_plan, plan_settings, verify_plan
+from engine.errors import UserError
+
+
+def frame_of(cfg, meta: dict) -> tuple[int, int]:
+    """The grid triggers are defined on: the image size of fixed-size data, else the
+    square the loader decodes variable-size data to."""
+    if meta.get("fixed_size"):
+        train = meta["splits"]["train"]
+        return int(train["height"][0]), int(train["width"][0])
+    side = cfg.data.decode_size or cfg.data.image_size
+    return side, side
+
+
+def smallest_window(cfg, meta: dict) -> tuple[int, int]:
+    """The smallest image region a trigger is drawn on, over both splits and modes."""
+    if meta.get("fixed_size"):
+        sizes = [(int(s["height"][0]), int(s["width"][0])) for s in meta["splits"].values()]
+        return min(sizes)
+    from engine.data.loaders import crop_ratio
+
+    side = min(min(int(s["height"][0]), int(s["width"][0])) for s in meta["splits"].values())
+    c = max(1, int(crop_ratio(False) * side))  # as FFCV's centre crop computes it
+    return c, c
+
+
+def _split_labels(root: str, split: str) -> np.ndarray:
+    from engine.data.beton import BetonSummary
+    from engine.data.loaders import beton_path
+
+    return BetonSummary(beton_path(root, split)).labels
+
+
+def make_attack(cfg, frame: tuple[int, int], plan: PoisonPlan, run_dir: Path | None, meta: dict, *,
+                train: bool) -> Attack | None:
+    a = cfg.attack
+    if a.name == "none":
+        return None
+    if a.name == "badnets":
+        from engine.attacks.badnets import BadNets
+
+        return BadNets.from_config(a.badnets)
+    if a.name == "blended":
+        from engine.attacks.blended import Blended
+
+        return Blended.from_config(a.blended, frame)
+    if a.name == "sig":
+        from engine.attacks.sig import SIG
+
+        return SIG.from_config(a.sig, frame)
+    if a.name == "wanet":
+        from engine.attacks.wanet import WaNet
+
+        # The test-time warp never has noise (the spec's poisoned test set).
+        return WaNet.from_config(a.wanet, frame, noise=plan.noise if train else None, noise_seed=a.seed)
+    if a.name == "label_consistent":
+        from engine.attacks.label_consistent import LabelConsistent, load_perturbations
+
+        if not train:
+            return LabelConsistent()
+        pert, rows = load_perturbations(a.label_consistent, run_dir, meta, frame, plan.poisoned_indices,
+                                        len(plan.true_labels))
+        return LabelConsistent(pert, rows)
+    raise UserError(f"config: unknown attack.name {a.name!r}")
+
+
+class PoisonRuntime:
+    """What stages use: ``plan``, ``target``, ``train_ops()``, ``test_ops()``,
+    ``poisoned_test_indices``; previews and exports also use the attacks themselves."""
+
+    def __init__(self, cfg, meta: dict, run_dir: Path | None, plan: PoisonPlan, test_labels: np.ndarray):
+        self.cfg = cfg
+        self.meta = meta
+        self.run_dir = run_dir
+        self.plan = plan
+        self.target = int(plan.target)
+        self.name = cfg.attack.name
+        self.frame = frame_of(cfg, meta)
+        self.test_labels = np.asarray(test_labels, dtype=np.int64)
+        if self.name == "none":
+            self.poisoned_test_indices = np.zeros(0, dtype=np.int64)
+        else:
+            self.poisoned_test_indices = np.flatnonzero(self.test_labels != self.target).astype(np.int64)
+        # Built now so a bad trigger setting (a missing pattern file, a trigger that
+        # does not fit) fails before any stage starts.
+        self._test_attack = make_attack(cfg, self.frame, plan, run_dir, meta, train=False)
+        self._train_attack: Attack | None = None
+        if self._test_attack is not None:
+            self._test_attack.check_fits(*smallest_window(cfg, meta))
+
+    @property
+    def train_selected(self) -> np.ndarray:
+        """Training samples that get a trigger: the poisoned ones and WaNet's noise ones."""
+        return self.plan.poisoned | self.plan.noise
+
+    def train_attack(self) -> Attack | None:
+        if self._train_attack is None and self.name != "none":
+            if self.name in ("wanet", "label_consistent"):
+                # Per-sample variants (noise grids, perturbations) exist only in training.
+                self._train_attack = make_attack(self.cfg, self.frame, self.plan, self.run_dir, self.meta,
+                                                 train=True)
+            else:
+                self._train_attack = self._test_attack
+        return self._train_attack
+
+    def test_attack(self) -> Attack | None:
+        return self._test_attack
+
+    def train_ops(self):
+        from engine.attacks.ops import AttackOps
+
+        attack = self.train_attack()
+        if attack is None:
+            return None
+        changed = bool((self.plan.labels != self.plan.true_labels).any())
+        return AttackOps(attack, self.train_selected, self.plan.labels if changed else None)
+
+    def test_ops(self):
+        from engine.attacks.ops import AttackOps
+
+        if self._test_attack is None:
+            return None
+        return AttackOps(self._test_attack, np.ones(len(self.test_labels), dtype=bool))
+
+    def describe(self) -> str:
+        p = self.plan
+        if self.name == "none":
+            return "attack none: clean training set"
+        extra = f", {int(p.noise.sum())} noise-mode samples" if p.noise.any() else ""
+        return (f"attack {self.name}: {int(p.poisoned.sum())}/{len(p.poisoned)} training samples poisoned "
+                f"({p.settings['label_mode']}, target {self.target}){extra}; "
+                f"{len(self.poisoned_test_indices)} test images in the poisoned test set")
+
+
+def build_poison(cfg, meta: dict, run_dir: Path | str | None, *, save: bool = True) -> PoisonRuntime:
+    """The run's attack. With ``run_dir``: reuse and verify ``poison_plan.npz`` there, or
+    draw the plan and save it (atomically; ``save=False`` keeps it in memory, for
+    read-only commands). Without: draw it in memory only."""
+    a = cfg.attack
+    n_classes = int(meta["num_classes"])
+    if a.name != "none" and not 0 <= a.target < n_classes:
+        raise UserError(f"config: attack.target {a.target} is outside the class range 0-{n_classes - 1} "
+                        f"of {meta.get('name')}")
+    if not cfg.data.root:
+        raise UserError("config: data.root is empty: point it at a folder written by `dbd prepare`")
+    train_labels = _split_labels(cfg.data.root, "train")
+    test_labels = _split_labels(cfg.data.root, "test")
+    expected = int(meta["splits"]["train"]["count"])
+    if len(train_labels) != expected:
+        raise UserError(f"{cfg.data.root}/train.beton has {len(train_labels)} samples but meta.json says "
+                        f"{expected}: prepare the dataset again")
+    settings = plan_settings(a)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    path = run_dir / PLAN_FILE if run_dir is not None else None
+    fresh = path is None or not path.is_file()
+    if fresh:
+        plan = make_plan(train_labels, n_classes, settings, content_hash=meta["content_hash"],
+                         dataset=str(meta.get("name", "")))
+    else:
+        plan = PoisonPlan.load(path)
+        verify_plan(plan, settings, meta["content_hash"], len(train_labels), path)
+    runtime = PoisonRuntime(cfg, meta, run_dir, plan, test_labels)
+    # Saved only once the triggers are known to build: a plan records the trigger
+    # settings, and a half-valid one would block the corrected config.
+    if fresh and run_dir is not None and save:
+        plan.save(run_dir, meta.get("classes"))
+    return runtime
+
+
+def runtime_for_command(cfg, *, save: bool) -> PoisonRuntime:
+    """The attack of a config for the attack commands (preview, export, attack-prepare).
+
+    They share the run's plan when the run directory has one; ``save`` says whether a
+    new plan may be written there (attack-prepare: yes; the read-only commands: no).
+    """
+    from engine.data.prepare import load_meta
+
+    if not cfg.data.root:
+        raise UserError("config: data.root is empty: point it at a folder written by `dbd prepare`")
+    meta = load_meta(cfg.data.root)
+    if meta.get("name") != cfg.data.name:
+        raise UserError(f"config is for dataset {cfg.data.name!r} but {cfg.data.root} holds "
+                        f"{meta.get('name')!r}: set data.name or data.root")
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+    if run_dir is not None and not save and not run_dir.is_dir():
+        run_dir = None
+    return build_poison(cfg, meta, run_dir, save=save)

@@ -1,0 +1,253 @@
+"""One entry point for every launcher: detect who started us, initialise torch.distributed.
+
+Supported, all unmodified: plain ``python``/``dbd`` (one process), ``torchrun``, the
+``deepspeed`` launcher (its local ``launch.py`` exports torchrun-style variables; its
+``--launcher openmpi|mpich|slurm`` modes start ranks through mpirun/srun and land in
+the MPI or SLURM branch), ``mpirun`` (rank, size and local rank from mpi4py, master
+address and port chosen by rank 0 and broadcast) and ``srun`` (SLURM variables).
+
+A dead or failing rank must end the job, never hang it. Three mechanisms cover it:
+every launcher here tears the job down when one rank exits non-zero (``srun`` needs
+``--kill-on-bad-exit=1``, see engine/runtime/README.md); a peer that vanishes makes
+gloo collectives fail at once (closed socket); a peer that is alive but stuck is caught
+by the process-group timeout (``distributed.timeout_s``), enforced on NCCL by the
+watchdog with asynchronous error handling forced on.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # torch.distributed backend (nccl/gloo), None without a process group
+    launcher: str  # single | torchrun | deepspeed | env | mpi | slurm
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+_INFO: DistInfo | None = None
+
+
+# --------------------------------------------------------------------------- detection
+
+
+@dataclass
+class _Env:
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None = None
+    master_port: str | None = None
+
+
+def _int_env(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        if default is None:
+            raise UserError(f"launcher environment is missing {name}")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"launcher environment variable {name}={value!r} is not an integer") from None
+
+
+def detect_launcher() -> str:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        if "TORCHELASTIC_RUN_ID" in env:
+            return "torchrun"
+        # deepspeed's launch.py is the only common launcher that exports CROSS_RANK.
+        return "deepspeed" if "CROSS_RANK" in env else "env"
+    # mpirun inside a SLURM allocation inherits SLURM_* of the batch step: MPI first.
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return "mpi"
+    # SLURM_STEP_NUM_TASKS exists only inside an srun step, not in the batch script.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        return "slurm"
+    if "PMI_SIZE" in env or "PMIX_RANK" in env:
+        return "mpi"  # MPICH / Intel MPI (hydra) or a PMIx launcher
+    return "single"
+
+
+def _from_env(launcher: str) -> _Env:
+    return _Env(launcher, _int_env("RANK"), _int_env("WORLD_SIZE"), _int_env("LOCAL_RANK", 0),
+                os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _routable_address() -> str:
+    # The address other hosts reach us at: the interface the default route uses.
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+def _from_mpi() -> _Env:
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise UserError(f"started by an MPI launcher but mpi4py is not importable: {e}") from None
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    node = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank, local_size = node.Get_rank(), node.Get_size()
+    node.Free()
+    single_host = world.allreduce(local_size, op=MPI.MIN) == size
+    addr = port = None
+    if rank == 0:
+        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_host else _routable_address())
+        port = os.environ.get("MASTER_PORT") or str(_free_port())
+    addr, port = world.bcast((addr, port), root=0)
+    return _Env("mpi", rank, size, local_rank, addr, port)
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    # Without scontrol: expand the first entry of "prefix[a-b,c],other" by hand.
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]
+    m = re.match(r"^(.*?)\[([^\]]+)\](.*)$", first)
+    if not m:
+        return first
+    lo = m.group(2).split(",")[0].split("-")[0]
+    return f"{m.group(1)}{lo}{m.group(3)}"
+
+
+def _from_slurm() -> _Env:
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
+    addr = os.environ.get("MASTER_ADDR") or _first_slurm_host(nodelist)
+    # Every rank derives the same port from the job id, with no communication needed.
+    port = os.environ.get("MASTER_PORT") or str(20000 + _int_env("SLURM_JOB_ID", 0) % 20000)
+    world = _int_env("SLURM_STEP_NUM_TASKS", _int_env("SLURM_NTASKS", 1))
+    return _Env("slurm", _int_env("SLURM_PROCID"), world, _int_env("SLURM_LOCALID", 0), addr, port)
+
+
+def _discover() -> _Env:
+    launcher = detect_launcher()
+    if launcher in ("torchrun", "deepspeed", "env"):
+        return _from_env(launcher)
+    if launcher == "mpi":
+        return _from_mpi()
+    if launcher == "slurm":
+        return _from_slurm()
+    return _Env("single", 0, 1, 0)
+
+
+# --------------------------------------------------------------------------- init
+
+
+def _pick_device(cfg, local_rank: int) -> torch.device:
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is visible (set device=cpu or auto)")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise UserError(f"local rank {local_rank} has no GPU: only {count} visible on this node "
+                        f"(start at most {count} processes per node)")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(cfg) -> DistInfo:
+    """Detect the launcher, create the process group, pin the device. Idempotent."""
+    global _INFO
+    if _INFO is not None:
+        return _INFO
+    env = _discover()
+    if not 0 <= env.rank < env.world_size:
+        raise UserError(f"launcher gave rank {env.rank} outside world size {env.world_size}")
+    # Libraries initialised later (DeepSpeed asserts on LOCAL_RANK) read these.
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+    device = _pick_device(cfg, env.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # DeepSpeed needs a process group even for one process; DDP does not.
+    need_group = env.world_size > 1 or cfg.distributed.backend == "deepspeed"
+    backend = None
+    if need_group:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=cfg.distributed.timeout_s)
+        if backend == "nccl":
+            # The NCCL watchdog tears the process down when a collective times out,
+            # instead of leaving it blocked on a stream forever.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        if env.world_size == 1 and not env.master_addr:
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0,
+                                                 world_size=1, timeout=timeout)
+        else:
+            if not env.master_addr or not env.master_port:
+                raise UserError(f"{env.launcher} launch without MASTER_ADDR/MASTER_PORT: cannot rendezvous")
+            os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+            kwargs = {"device_id": device} if backend == "nccl" else {}
+            store, _, _ = next(torch.distributed.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+            # torchrun --max-restarts reuses its agent's store across attempts: without a
+            # per-attempt prefix a fast new rank reads a dead rank's gloo address left
+            # there by the previous attempt and fails to connect.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = torch.distributed.PrefixStore(f"/dbd/attempt_{attempt}", store)
+            torch.distributed.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
+                                                 timeout=timeout, **kwargs)
+    _INFO = DistInfo(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, device=device,
+                     backend=backend, launcher=env.launcher)
+    if env.rank == 0 and env.world_size > 1:
+        print(f"[dist] launcher={env.launcher} world_size={env.world_size} backend={backend} "
+              f"device={device.type} master={env.master_addr}:{env.master_port}", flush=True)
+    return _INFO
+
+
+def current() -> DistInfo | None:
+    return _INFO
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the process group (interpreter shutdown with a live one can crash)."""
+    global _INFO
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _INFO = None

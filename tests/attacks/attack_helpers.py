@@ -1,0 +1,83 @@
+"""Shared pieces of the attack tests: configs, source pixels, loader output, references."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from engine.attacks.export import collect
+from engine.config import load_config
+from engine.data.loaders import LoaderSpec, beton_path, crop_ratio, make_loader
+
+
+def make_cfg(root: Path, name: str, *overrides: str, run_dir: Path | None = None):
+    meta = json.loads((Path(root) / "meta.json").read_text())
+    items = [f"data.root={root}", f"data.name={meta['name']}", f"attack.name={name}"]
+    if run_dir is not None:
+        items.append(f"run_dir={run_dir}")
+    return load_config(None, items + list(overrides))
+
+
+def source_image(root: Path, split: str, index: int) -> np.ndarray:
+    """A sample as stored, decoded at source resolution by FFCV's own JPEG decoder."""
+    from ffcv.libffcv import imdecode
+    from ffcv.reader import Reader
+
+    path = beton_path(root, split)
+    reader = Reader(str(path))
+    field = reader.metadata[f"f{reader.field_names.index('image')}"][index]
+    ptr = int(field["data_ptr"])
+    table = reader.alloc_table
+    size = int(table["size"][table["ptr"] == ptr][0])
+    data = np.fromfile(path, dtype=np.uint8, count=size, offset=ptr)
+    h, w = int(field["height"]), int(field["width"])
+    if int(field["mode"]) == 0:  # jpg
+        img = np.zeros((h, w, 3), np.uint8)
+        imdecode(data, img, h, w, h, w, 0, 0, 1, 1, False, False)
+        return img
+    return data[:h * w * 3].reshape(h, w, 3).copy()
+
+
+def expected_frame(root: Path, split: str, index: int, attack, triggered: bool, *, fixed: bool,
+                   decode_size: int, train: bool) -> np.ndarray:
+    """What the loader must deliver: the reference trigger on the kept window at source
+    resolution, then (variable-size data) FFCV's crop-and-resize."""
+    from ffcv.fields.rgb_image import get_center_crop
+    from ffcv.libffcv import resize_crop
+
+    img = source_image(root, split, index)
+    if fixed:
+        return attack.apply(img[None], np.array([index]))[0] if triggered else img
+    h, w = img.shape[:2]
+    i, j, ch, cw = get_center_crop(h, w, None, crop_ratio(train))
+    if triggered:
+        window = np.ascontiguousarray(img[None, i:i + ch, j:j + cw])
+        img[i:i + ch, j:j + cw] = attack.apply(window, np.array([index]))[0]
+    out = np.zeros((decode_size, decode_size, 3), np.uint8)
+    resize_crop(img, i, i + ch, j, j + cw, out)
+    return out
+
+
+def load(root: Path, split: str, poison=None, *, indices=None, shuffle=False, batch_size=64, decode_size=32,
+         train=True, seed=0):
+    return make_loader(LoaderSpec(root=str(root), split=split, batch_size=batch_size, shuffle=shuffle,
+                                  drop_last=False, seed=seed, indices=indices, decode_size=decode_size,
+                                  train=train), poison=poison)
+
+
+def epoch(loader):
+    return collect(loader)
+
+
+def write_lc_cache(runtime, run_dir: Path, seed: int = 0) -> np.ndarray:
+    """A perturbation cache in the format `dbd attack-prepare` writes, with random deltas."""
+    plan = runtime.plan
+    indices = np.flatnonzero(plan.true_labels == plan.target)
+    rng = np.random.default_rng(seed)
+    deltas = rng.integers(-8, 9, size=(len(indices), *runtime.frame, 3)).astype(np.int8)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.save(run_dir / "lc_perturbations.npy", deltas)
+    (run_dir / "lc_perturbations.json").write_text(json.dumps({
+        "content_hash": runtime.meta["content_hash"], "indices": indices.tolist(), "frame": list(runtime.frame)}))
+    return deltas

@@ -1,0 +1,36 @@
+"""Fixtures of the attack tests: a JPEG ImageFolder set and the same photos stored raw."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # attack_helpers
+
+
+@pytest.fixture(scope="session")
+def photo_tree(tmp_path_factory) -> Path:
+    from tests.builders import write_imagefolder
+
+    # Three classes of real photo crops of assorted sizes (40-90 px), JPEG files.
+    return write_imagefolder(tmp_path_factory.mktemp("photos") / "src", per_class=4)
+
+
+@pytest.fixture(scope="session")
+def jpeg_root(photo_tree, tmp_path_factory) -> Path:
+    from engine.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("jpeg")
+    prepare("imagefolder", str(photo_tree), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def raw_var_root(photo_tree, tmp_path_factory) -> Path:
+    """Variable-size images written raw: the decoder reads the memory-mapped file."""
+    from engine.data.prepare import WriterSettings, prepare
+
+    out = tmp_path_factory.mktemp("rawvar")
+    prepare("imagefolder", str(photo_tree), out, progress=False, writer=WriterSettings(write_mode="raw"))
+    return out

@@ -1,0 +1,128 @@
+"""The whole benchmark suite in --quick mode, as a user runs it: JSON complete, numbers positive.
+
+Nothing here depends on speed: the figures only have to exist, be finite and positive.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+ENV_KEYS = ("date", "machine", "cpu_model", "cpu_count", "device", "python", "torch", "ffcv", "numpy", "commit")
+# Units of shares and efficiencies may legitimately be zero-ish; throughput-like figures may not.
+NON_NEGATIVE_UNITS = ("share of step time", "efficiency")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from benchmarks.suite import REGISTRY
+
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"quick suite failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    records = {name: json.loads((out / f"{name}.json").read_text()) for name in REGISTRY}
+    return out, records, proc.stdout
+
+
+def _positive(value, what: str, unit: str = "") -> None:
+    assert isinstance(value, (int, float)) and math.isfinite(value), f"{what}: {value!r} is not a finite number"
+    if unit in NON_NEGATIVE_UNITS:
+        assert value >= 0, f"{what}: {value} < 0"
+    else:
+        assert value > 0, f"{what}: {value} <= 0"
+
+
+def _check_stats(stats: dict, what: str, unit: str) -> None:
+    assert stats["reps"], f"{what}: no repetitions"
+    for v in stats["reps"]:
+        _positive(v, f"{what} repetition", unit)
+    for key in ("median", "q1", "q3", "min", "max"):
+        _positive(stats[key], f"{what} {key}", unit)
+    assert stats["min"] <= stats["median"] <= stats["max"]
+
+
+def test_every_benchmark_writes_json_and_chart(quick_run):
+    out, records, _ = quick_run
+    for name, rec in records.items():
+        assert rec["benchmark"] == name and rec["quick"] is True
+        assert (out / f"{name}.png").stat().st_size > 0
+        for key in ENV_KEYS:
+            assert rec["environment"].get(key) not in (None, ""), f"{name}: environment.{key} missing"
+        assert isinstance(rec.get("settings"), dict) and rec["settings"], f"{name}: no settings"
+        _positive(rec["wall_seconds"], f"{name} wall_seconds")
+
+
+def test_comparisons_are_complete_and_positive(quick_run):
+    _, records, _ = quick_run
+    compared = [n for n, r in records.items() if r.get("comparisons")]
+    assert {"loader", "augment", "end_to_end"} <= set(compared)
+    for name in compared:
+        rec = records[name]
+        # The headline comparison sits at the top level of the JSON.
+        for key in ("engine", "reference", "ratio"):
+            _positive(rec[key], f"{name}.{key}")
+        assert isinstance(rec["unit"], str) and rec["unit"]
+        assert rec["ratio"] == pytest.approx(rec["engine"] / rec["reference"])
+        for key, c in rec["comparisons"].items():
+            what = f"{name}/{key}"
+            for field in ("engine", "reference", "ratio"):
+                _positive(c[field], f"{what}.{field}")
+            _check_stats(c["engine_stats"], f"{what} engine", c["unit"])
+            _check_stats(c["reference_stats"], f"{what} reference", c["unit"])
+
+
+def test_measurements_are_positive(quick_run):
+    _, records, _ = quick_run
+    for name, rec in records.items():
+        for key, m in (rec.get("measurements") or {}).items():
+            unit = m.get("unit", "")
+            _positive(m["median"], f"{name}/{key}", unit)
+            assert m["reps"], f"{name}/{key}: no repetitions"
+            for v in m["reps"]:
+                _positive(v, f"{name}/{key} repetition", unit)
+
+
+def test_benchmark_specific_figures(quick_run):
+    _, records, stdout = quick_run
+    loader = records["loader"]
+    assert "cifar32/simclr/poisoned" in loader["comparisons"] and "cifar32/weak/poisoned" in loader["comparisons"]
+    assert loader["measurements"]["imagenet224/deliveries_per_sample"]["median"] == 1.0
+    assert {t["name"] for t in loader["targets"]}
+    step = records["step"]
+    for stage in ("simclr", "linear", "mixmatch"):
+        assert f"{stage}/ddp/fp32/images_per_s" in step["measurements"]
+        share = step["measurements"][f"{stage}/ddp/fp32/data_wait_share"]["median"]
+        assert 0 <= share <= 1
+    assert set(records["scaling"]["weak_scaling_efficiency"]) >= {"1", "2"}
+    e2e = records["end_to_end"]["comparisons"]
+    assert set(e2e) == {"supervised/epoch", "pretrain/epoch", "linear/epoch", "finetune/epoch"}
+    flops = records["flops"]["gflops_per_image"]
+    assert flops["cifar_resnet18@32"]["forward"] == pytest.approx(1.11, rel=0.02)  # 0.556 GMAC, 2 FLOPs each
+    assert flops["resnet50@224"]["forward"] == pytest.approx(8.17, rel=0.02)
+    assert "ratio = engine / reference" in stdout
+
+
+def test_unknown_benchmark_is_one_line_error():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "no_such_bench", "--quick"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown benchmark 'no_such_bench'" in lines[0] and "loader" in lines[0]
+
+
+def test_dbd_bench_forwards_to_the_suite(tmp_path):
+    from engine.cli import main
+
+    assert main(["bench", "nope"]) == 2
+    assert main(["bench", "--list"]) == 0
+    assert main(["bench", "flops", "--quick", "--in-process", "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "flops.json").read_text())
+    assert rec["benchmark"] == "flops" and rec["measurements"]

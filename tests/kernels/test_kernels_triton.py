@@ -1,0 +1,144 @@
+"""Triton kernels against the PyTorch path.
+
+With a GPU the kernels are compiled and run on it. Without one they run on CPU tensors
+through TRITON_INTERPRET=1, which executes them element by element in NumPy, so sizes stay
+tiny and odd (9x11 sources, 7x7 views) and the batch is just large enough for
+covering_simclr_params to put contrast and hue at every position of the jitter order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton decides interpreted vs compiled when a function is decorated, i.e. when triton
+# (whose standard library is itself jitted) and the kernel modules are first imported:
+# the variable has to be set before that, and stay set.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+IN_SUBPROCESS = False
+if HAVE_TRITON and DEVICE == "cpu":
+    if "triton" in sys.modules:
+        from triton.language import standard as _std
+        from triton.runtime.interpreter import InterpretedFunction
+
+        # Triton was imported earlier in this process without the interpreter: the checks
+        # then run in a fresh process instead (test_interpreter_suite_in_subprocess).
+        IN_SUBPROCESS = not isinstance(_std.cdiv, InterpretedFunction)
+    if not IN_SUBPROCESS:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+from kernels_testutil import covering_simclr_params, random_images, unnormalise  # noqa: E402
+
+from kernels import SimCLRSpec, WeakSpec, normalize, simclr_views, torch_path, weak_view  # noqa: E402
+
+RUN_HERE = HAVE_TRITON and not IN_SUBPROCESS
+if RUN_HERE:
+    from kernels import triton_simclr
+
+here = pytest.mark.skipif(not RUN_HERE, reason="needs triton, imported in interpreter mode (see subprocess test)")
+
+
+@pytest.mark.skipif(not IN_SUBPROCESS, reason="only when triton was already imported uninterpreted")
+def test_interpreter_suite_in_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+
+
+# On [0, 1] pixels after un-normalising: fp32 is rounding-level; half types are bounded by
+# one output ulp at |normalised| < 4 (fp16 2^-9, bf16 2^-6) times std ~ 0.2.
+TOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+
+
+def _check_simclr(images, spec, params, dtype, block=None):
+    """Fused views on DEVICE against the PyTorch path on CPU, on un-normalised pixels."""
+    views = triton_simclr.simclr_views(images.to(DEVICE), spec, [p.to(DEVICE) for p in params], dtype, block=block)
+    assert len(views) == len(params)
+    for v, p in zip(views, params):
+        assert v.dtype == dtype and v.shape == (images.shape[0], 3, spec.size, spec.size)
+        assert v.is_contiguous(memory_format=torch.channels_last)
+        ref = torch_path.simclr_unnormalised(images, spec, p).permute(0, 3, 1, 2)
+        torch.testing.assert_close(unnormalise(v.cpu(), spec.mean, spec.std), ref, atol=TOL[dtype], rtol=0)
+
+
+@here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_simclr_single_tile(interpolation, dtype):
+    spec = SimCLRSpec(size=7, interpolation=interpolation)
+    images = random_images(8, 9, 11, seed=1)
+    params = [covering_simclr_params(8, 9, 11, spec, seed=s) for s in (2, 3)]
+    _check_simclr(images, spec, params, dtype)
+
+
+@here
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_simclr_multi_tile_two_sweeps(interpolation):
+    # block=16 splits the 49 pixels into 4 tiles: the contrast mean then comes from the
+    # separate first sweep, and tile edges cut through rows; K=5 blur reaches 2 rows across.
+    spec = SimCLRSpec(size=7, interpolation=interpolation, blur_kernel_size=5)
+    images = random_images(8, 9, 11, seed=4)
+    params = [covering_simclr_params(8, 9, 11, spec, seed=5)]
+    _check_simclr(images, spec, params, torch.float32, block=16)
+
+
+@here
+def test_simclr_non_contiguous_source_and_disabled_ops():
+    # Strided input (a column slice) and a spec without hue/blur/contrast take the other branches.
+    spec = SimCLRSpec(size=7, hue=0.0, blur_p=0.0, contrast=0.0)
+    images = random_images(6, 9, 13, seed=6)[:, :, 1:12]
+    assert not images.is_contiguous()
+    params = [covering_simclr_params(6, 9, 11, spec, seed=7)]
+    _check_simclr(images, spec, params, torch.float32)
+
+
+@here
+def test_simclr_ops_disabled_by_spec():
+    # Replayed flags for ops the spec turns off must be ignored exactly as by the torch path.
+    spec = SimCLRSpec(size=7, jitter_p=0.0, grayscale_p=0.0, interpolation="bilinear")
+    images = random_images(4, 9, 11, seed=11)
+    params = [covering_simclr_params(4, 9, 11, spec, seed=12)]
+    _check_simclr(images, spec, params, torch.float32)
+
+
+@here
+def test_dispatch_triton_backend():
+    spec = SimCLRSpec(size=7)
+    images = random_images(3, 9, 11, seed=8)
+    fused, params = simclr_views(images.to(DEVICE), spec, seed=1, backend="triton")
+    plain, _ = simclr_views(images, spec, params=[p.to("cpu") for p in params], backend="torch")
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a.cpu(), b, atol=5e-4, rtol=0)
+
+
+@here
+@pytest.mark.parametrize("mode", ["reflect", "symmetric", "edge", "constant"])
+def test_weak(mode):
+    spec = WeakSpec(size=7, padding=3, padding_mode=mode)
+    images = random_images(4, 9, 11, seed=9)
+    ref, params = weak_view(images, spec, seed=3, backend="torch")
+    got, _ = weak_view(images.to(DEVICE), spec, params=params.to(DEVICE), backend="triton")
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.cpu(), ref, atol=1e-6, rtol=0)
+
+
+@here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalize(dtype):
+    images = random_images(2, 9, 11, seed=10)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)
+    got = normalize(images.to(DEVICE), mean, std, dtype=dtype, backend="triton")
+    ref = normalize(images, mean, std, dtype=torch.float32, backend="torch")
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(unnormalise(got.cpu(), mean, std), unnormalise(ref, mean, std), atol=TOL[dtype], rtol=0)
