@@ -134,21 +134,25 @@ def patch_kernel(pattern: np.ndarray, mask: np.ndarray):
     ph, pw = pattern.shape[:2]
     rows = np.flatnonzero(mask.any(axis=(1, 2)))
     cols = np.flatnonzero(mask.any(axis=(0, 2)))
-    # Only rows/columns whose frame pixel lies in the mask's bounding box are visited:
-    # a corner patch costs a few pixels, not a pass over the image.
+    # Only the window rows/columns whose frame pixel lies in the mask's bounding box are
+    # visited: a corner patch costs a few pixels, not a pass over the image.
     r_lo, r_hi = int(rows[0]), int(rows[-1]) + 1
     c_lo, c_hi = int(cols[0]), int(cols[-1]) + 1
 
+    @njit(nogil=True)
+    def first_at_or_after(lo, n_out, n_src):
+        # Smallest i with ((2i + 1) n_src) // (2 n_out) >= lo, i.e. the ceiling of
+        # (2 n_out lo - n_src) / (2 n_src); floor division makes -(-a // b) a ceiling.
+        return max(0, -((n_src - 2 * n_out * lo) // (2 * n_src)))
+
     def badnets_kernel(win, index):
         h, w = win.shape[0], win.shape[1]
-        for r in range(h):
+        r0, r1 = min(first_at_or_after(r_lo, h, ph), h), min(first_at_or_after(r_hi, h, ph), h)
+        c0, c1 = min(first_at_or_after(c_lo, w, pw), w), min(first_at_or_after(c_hi, w, pw), w)
+        for r in range(r0, r1):
             pr = ((2 * r + 1) * ph) // (2 * h)
-            if pr < r_lo or pr >= r_hi:
-                continue
-            for c in range(w):
+            for c in range(c0, c1):
                 pc = ((2 * c + 1) * pw) // (2 * w)
-                if pc < c_lo or pc >= c_hi:
-                    continue
                 for k in range(3):
                     if mask[pr, pc, k]:
                         win[r, c, k] = pattern[pr, pc, k]

@@ -99,16 +99,28 @@ def load_rgb(path: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 @intrinsic
 def as_pointer(typingctx, address):
-    """An integer address as a void pointer, for ``numba.carray``.
+    """An integer address as a void pointer: ``numba.carray(as_pointer(a), shape,
+    dtype)`` gives a read-only view of the array at ``a``.
 
     Arrays reach numba-compiled operations as closure constants, which numba copies
     into the compiled code and makes read-only. Large or mutable arrays (a
-    perturbation cache, a memo of triggered images) are read through their address
+    perturbation cache, a memo of triggered images) are reached through their address
     instead; whoever builds the function keeps the array alive as long as it runs.
     """
     sig = types.voidptr(address)
 
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return sig, codegen
+
+
+@intrinsic
+def as_bytes_pointer(typingctx, address):
+    """Like :func:`as_pointer`, typed ``uint8*`` so that the carray is writable."""
+    sig = types.CPointer(types.uint8)(address)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
 
     return sig, codegen

@@ -20,12 +20,12 @@ from typing import Callable
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_center_crop
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import imdecode, memcpy, resize_crop
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from numba import carray
 
-from engine.attacks.base import Attack, as_pointer
+from engine.attacks.base import Attack, as_bytes_pointer
 from engine.errors import UserError
 
 
@@ -85,8 +85,12 @@ class TriggerOp(Operation):
             return None
         if self._memo is None:
             slots = np.where(self.selected != 0, np.cumsum(self.selected) - 1, -1).astype(np.int32)
-            # np.empty: pages are committed only as samples are first triggered.
-            self._memo = (slots, np.empty((count, *self.frame_shape), np.uint8), np.zeros(count, np.uint8))
+            # np.empty: pages are committed only as samples are first triggered. The
+            # flags are a column, not a vector: FFCV's OS-cache memory manager marks
+            # numba's shared uint8[::1] type read-only for the whole process (it sets
+            # ``mutable`` on the interned type), so no 1-d uint8 array can be written
+            # in compiled code once a loader exists.
+            self._memo = (slots, np.empty((count, *self.frame_shape), np.uint8), np.zeros((count, 1), np.uint8))
         return self._memo
 
     def generate_code(self) -> Callable:
@@ -104,24 +108,26 @@ class TriggerOp(Operation):
                 return images
         else:
             slots, store, ready = memo
+            # A real memcpy: numba copies array to array element by element.
+            copy = Compiler.compile(memcpy)
             store_address, store_shape = store.ctypes.data, store.shape
-            ready_address, count = ready.ctypes.data, len(ready)
+            ready_address, ready_shape = ready.ctypes.data, ready.shape
 
             def trigger(images, _unused, indices):
-                stored = carray(as_pointer(store_address), store_shape, np.uint8)
-                done = carray(as_pointer(ready_address), (count,), np.uint8)
+                stored = carray(as_bytes_pointer(store_address), store_shape)
+                done = carray(as_bytes_pointer(ready_address), ready_shape)
                 for i in my_range(images.shape[0]):
                     index = indices[i]
                     if selected[index]:
                         s = slots[index]
-                        if done[s]:
-                            images[i] = stored[s]
+                        if done[s, 0]:
+                            copy(stored[s], images[i])
                         else:
                             kernel(images[i], index)
-                            stored[s] = images[i]
+                            copy(images[i], stored[s])
                             # Set after the pixels: a sample appears at most once per
                             # batch, and batches run one after another.
-                            done[s] = 1
+                            done[s, 0] = 1
                 return images
 
         trigger.is_parallel = True
