@@ -145,7 +145,8 @@ def run(quick: bool = False) -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     settings = {**(QUICK if quick else FULL), "cores": cores}
     worlds = [1, 2] if (not cuda or torch.cuda.device_count() >= 2) else [1]
-    sys.path.insert(0, str(REPO))  # spawned workers import the engine from this checkout
+    # Spawned workers import the engine from this checkout, installed or not (the GPU
+    # machine gets a bare copy of the tree).
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     results, not_measured = {}, []
     for world in worlds:

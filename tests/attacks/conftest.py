@@ -1,12 +1,9 @@
 """Fixtures of the attack tests: a JPEG ImageFolder set and the same photos stored raw."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # attack_helpers
 
 
 @pytest.fixture(scope="session")

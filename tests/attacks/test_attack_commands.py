@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from attack_helpers import make_cfg, source_image, write_lc_cache
+from tests.attacks.attack_helpers import make_cfg, source_image, write_lc_cache
 
 from engine.attacks.plan import PLAN_FILE, SUMMARY_FILE, PoisonPlan
 from engine.attacks.runtime import build_poison

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from attack_helpers import epoch, expected_frame, load, make_cfg, source_image, write_lc_cache
+from tests.attacks.attack_helpers import epoch, expected_frame, load, make_cfg, source_image, write_lc_cache
 
 from engine.attacks.runtime import build_poison
 

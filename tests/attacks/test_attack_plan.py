@@ -102,12 +102,10 @@ def _digest(p: PoisonPlan) -> str:
 
 
 def test_plan_is_identical_in_another_process():
-    code = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "import test_attack_plan as t\n"
-        "print(t._digest(t.plan_for(name='wanet', seed=11, ratio=0.07)))\n" % str(__import__("pathlib").Path(__file__).parent)
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code = ("import tests.attacks.test_attack_plan as t\n"
+            "print(t._digest(t.plan_for(name='wanet', seed=11, ratio=0.07)))\n")
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == _digest(plan_for(name="wanet", seed=11, ratio=0.07))
 
 
