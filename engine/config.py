@@ -413,7 +413,7 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         full = f"{prefix}{key}"
         if key not in fields:
             near = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean {prefix}{near[0]!r}?" if near else f"; known keys: {', '.join(fields)}"
+            hint = f"; did you mean {prefix + near[0]!r}?" if near else f"; known keys: {', '.join(fields)}"
             raise UserError(f"config: unknown key {full!r}{hint}")
         kwargs[key] = _coerce(hints[key], value, full)
     return cls(**kwargs)

@@ -157,4 +157,4 @@ def patch_kernel(pattern: np.ndarray, mask: np.ndarray):
                     if mask[pr, pc, k]:
                         win[r, c, k] = pattern[pr, pc, k]
 
-    return njit(nogil=True)(badnets_kernel)
+    return njit(nogil=True, inline="always")(badnets_kernel)
