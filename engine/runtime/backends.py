@@ -15,6 +15,7 @@ own keys); ``backend.model`` is what actually runs (DDP, DeepSpeed engine, compi
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import warnings
@@ -51,7 +52,7 @@ class _Each(nn.Module):
         return self.module(*args, **kwargs)
 
 
-class TrainBackend:
+class TrainBackend(abc.ABC):
     name = "base"
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg, dist):
@@ -75,11 +76,13 @@ class TrainBackend:
         with self.autocast():
             return self.model(list(inputs), _each=True, **kwargs)
 
+    @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def step(self) -> None:
-        raise NotImplementedError
+        ...
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -104,11 +107,13 @@ class TrainBackend:
         self.train(False)
 
     # ---- checkpoints: called on every rank with the same (shared) directory
+    @abc.abstractmethod
     def save(self, directory: Path) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def load(self, directory: Path) -> None:
-        raise NotImplementedError
+        ...
 
 
 # --------------------------------------------------------------------------- DDP
