@@ -102,7 +102,6 @@ def build_frame(spec: str, pattern_size: int, position: str, what: str = "attack
 
 class BadNets(Attack):
     name = "badnets"
-    whole_image = False
 
     def __init__(self, pattern: np.ndarray, mask: np.ndarray):
         if pattern.shape != mask.shape or pattern.ndim != 3 or pattern.shape[-1] != 3:
@@ -157,4 +156,4 @@ def patch_kernel(pattern: np.ndarray, mask: np.ndarray):
                     if mask[pr, pc, k]:
                         win[r, c, k] = pattern[pr, pc, k]
 
-    return njit(nogil=True, inline="always")(badnets_kernel)
+    return njit(nogil=True)(badnets_kernel)

@@ -36,9 +36,6 @@ class Attack(ABC):
     name: ClassVar[str]
     # Clean-label attacks never change labels (SIG, label-consistent).
     clean_label: ClassVar[bool] = False
-    # True when the trigger rewrites the whole image (blend, sinusoid, warp,
-    # perturbation) rather than a few pixels: worth memoizing per sample.
-    whole_image: ClassVar[bool] = True
 
     @abstractmethod
     def apply(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:

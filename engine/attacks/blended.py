@@ -65,11 +65,14 @@ class Blended(Attack):
 
         def blended_kernel(win, index):
             h, w = win.shape[0], win.shape[1]
-            same = h == ph and w == pw
+            # Column map once per window: integer division is the slow part.
+            cols = np.empty(w, np.int64)
+            for c in range(w):
+                cols[c] = ((2 * c + 1) * pw) // (2 * w)
             for r in range(h):
-                pr = r if same else ((2 * r + 1) * ph) // (2 * h)
+                pr = ((2 * r + 1) * ph) // (2 * h)
                 for c in range(w):
-                    pc = c if same else ((2 * c + 1) * pw) // (2 * w)
+                    pc = cols[c]
                     for k in range(3):
                         v = np.int64(win[r, c, k])
                         win[r, c, k] = v + step[np.int64(pattern[pr, pc, k]) - v + 255]

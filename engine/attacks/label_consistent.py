@@ -57,10 +57,6 @@ class LabelConsistent(Attack):
         self.perturbations = perturbations
         self.rows = None if rows is None else np.ascontiguousarray(rows, dtype=np.int32)
 
-    @property
-    def whole_image(self) -> bool:
-        return self.rows is not None  # the test-time trigger is four corner patches
-
     def trigger_only(self) -> "LabelConsistent":
         return LabelConsistent()
 
@@ -101,10 +97,13 @@ class LabelConsistent(Attack):
             if row >= 0:
                 delta = carray(as_pointer(address), shape, np.int8)
                 h, w = win.shape[0], win.shape[1]
+                cols = np.empty(w, np.int64)  # once per window, not per pixel
+                for c in range(w):
+                    cols[c] = ((2 * c + 1) * pw) // (2 * w)
                 for r in range(h):
                     pr = ((2 * r + 1) * ph) // (2 * h)
                     for c in range(w):
-                        pc = ((2 * c + 1) * pw) // (2 * w)
+                        pc = cols[c]
                         for k in range(3):
                             v = np.int64(win[r, c, k]) + np.int64(delta[row, pr, pc, k])
                             win[r, c, k] = 0 if v < 0 else (255 if v > 255 else v)

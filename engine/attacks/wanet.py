@@ -69,10 +69,18 @@ def noise_values(seed: int, index: int, positions: np.ndarray, amplitude: int) -
     return (h % np.uint64(2 * amplitude + 1)).astype(np.int64) - amplitude
 
 
-def _scale(d: np.ndarray, size: int, frame_size: int) -> np.ndarray:
-    # Displacements are in frame pixels; a window of another size scales them with
-    # its own pixel pitch (floor division, as the kernel does).
-    return d * (size - 1) // max(frame_size - 1, 1)
+SCALE_BITS = 16
+
+
+def scale_factor(size: int, frame_size: int) -> int:
+    """(size - 1) / (frame_size - 1) in 1/2^16 units: displacements are in frame
+    pixels, and a window of another size scales them with its own pixel pitch. One
+    division per window; per pixel a multiply and a shift (exactly 1.0 at frame size)."""
+    return ((size - 1) << SCALE_BITS) // max(frame_size - 1, 1)
+
+
+def _scale(d: np.ndarray, factor: int) -> np.ndarray:
+    return (d * factor) >> SCALE_BITS  # arithmetic shift: floor, as in the kernel
 
 
 class WaNet(Attack):
@@ -103,14 +111,15 @@ class WaNet(Attack):
         ph, pw = self.field.shape[:2]
         rows, cols = nearest_index(h, ph), nearest_index(w, pw)
         d = self.field[rows][:, cols].astype(np.int64)
-        sy = np.clip(np.arange(h)[:, None] * Q + _scale(d[..., 0], h, ph), 0, (h - 1) * Q)
-        sx = np.clip(np.arange(w)[None, :] * Q + _scale(d[..., 1], w, pw), 0, (w - 1) * Q)
+        fy, fx = scale_factor(h, ph), scale_factor(w, pw)
+        sy = np.clip(np.arange(h)[:, None] * Q + _scale(d[..., 0], fy), 0, (h - 1) * Q)
+        sx = np.clip(np.arange(w)[None, :] * Q + _scale(d[..., 1], fx), 0, (w - 1) * Q)
         if self.noise is not None and self.noise[index]:
             pos = (rows[:, None] * pw + cols[None, :]) * 2
             ny = noise_values(self.noise_seed, index, pos, self.amplitude[0])
             nx = noise_values(self.noise_seed, index, pos + 1, self.amplitude[1])
-            sy = np.clip(sy + _scale(ny, h, ph), 0, (h - 1) * Q)
-            sx = np.clip(sx + _scale(nx, w, pw), 0, (w - 1) * Q)
+            sy = np.clip(sy + _scale(ny, fy), 0, (h - 1) * Q)
+            sx = np.clip(sx + _scale(nx, fx), 0, (w - 1) * Q)
         y0, fy = sy // Q, (sy % Q)[..., None]
         x0, fx = sx // Q, (sx % Q)[..., None]
         y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
@@ -123,6 +132,7 @@ class WaNet(Attack):
         field = self.field
         ph, pw = field.shape[:2]
         fy_den, fx_den = max(ph - 1, 1), max(pw - 1, 1)
+        bits = SCALE_BITS
         use_noise = self.noise is not None
         noise = self.noise.astype(np.uint8) if use_noise else np.zeros(1, np.uint8)
         amp_y, amp_x = self.amplitude
@@ -139,8 +149,14 @@ class WaNet(Attack):
         def wanet_kernel(win, index):
             h, w = win.shape[0], win.shape[1]
             # A window of the frame's own size (all fixed-size data) needs neither the
-            # index maps nor the displacement scaling, and their integer divisions.
+            # index maps nor the displacement scaling; other windows compute both once
+            # per window, not per pixel (integer division is the slow part).
             same = h == ph and w == pw
+            scale_y = ((h - 1) << bits) // fy_den
+            scale_x = ((w - 1) << bits) // fx_den
+            cols = np.empty(w, np.int64)
+            for c in range(w):
+                cols[c] = c if same else ((2 * c + 1) * pw) // (2 * w)
             noisy = use_noise and noise[index] != 0
             base = mix(seed_key + np.uint64(index))
             src = win.copy()  # every output pixel reads the unwarped image
@@ -148,12 +164,12 @@ class WaNet(Attack):
             for r in range(h):
                 pr = r if same else ((2 * r + 1) * ph) // (2 * h)
                 for c in range(w):
-                    pc = c if same else ((2 * c + 1) * pw) // (2 * w)
+                    pc = cols[c]
                     dy = np.int64(field[pr, pc, 0])
                     dx = np.int64(field[pr, pc, 1])
                     if not same:
-                        dy = dy * (h - 1) // fy_den
-                        dx = dx * (w - 1) // fx_den
+                        dy = (dy * scale_y) >> bits
+                        dx = (dx * scale_x) >> bits
                     sy = min(max(r * Q + dy, 0), ymax)
                     sx = min(max(c * Q + dx, 0), xmax)
                     if noisy:
@@ -161,8 +177,8 @@ class WaNet(Attack):
                         ny = np.int64(mix(base + pos) % span_y) - amp_y
                         nx = np.int64(mix(base + pos + np.uint64(1)) % span_x) - amp_x
                         if not same:
-                            ny = ny * (h - 1) // fy_den
-                            nx = nx * (w - 1) // fx_den
+                            ny = (ny * scale_y) >> bits
+                            nx = (nx * scale_x) >> bits
                         sy = min(max(sy + ny, 0), ymax)
                         sx = min(max(sx + nx, 0), xmax)
                     y0, fy = sy // Q, sy % Q
