@@ -12,8 +12,9 @@ Two measurements, on the embedded digits data and the demo preset
    the reference's (Dataset with a NumPy trigger and PIL transforms per sample, a
    DataLoader with as many workers as the engine has loader threads), both feeding the
    same model step (benchmarks/rigs.py). The fine-tuning epoch includes its split
-   pass (per-sample loss of every training image under training augmentation) and,
-   as the stage does, new loaders for the new labelled / unlabelled parts; in full
+   pass (per-sample loss of every training image under training augmentation) and the
+   new labelled / unlabelled parts: the engine swaps its loaders' subsets, as the stage
+   does; the reference builds new DataLoaders, as the DBD reference code does. In full
    mode it runs 20 of the demo's 40 MixMatch iterations (see FULL).
 """
 from __future__ import annotations
@@ -30,12 +31,12 @@ from benchmarks.measure import alternate, comparison, measurement, pin_torch_thr
 from benchmarks.rigs import LinearRig, MixMatchRig, SimCLRRig, SupervisedRig, start, sync
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo" / "digits_badnets_dbd.yaml"
-# Full: the demo's epochs, 2 alternated repetitions after a warm-up epoch. The
-# fine-tuning comparison takes no warm-up (its engine side builds and compiles new
-# loaders every epoch anyway, as the stage does) and 20 of the demo's 40 iterations:
-# at 40, its epochs alone would take most of the suite's time on a 2-core CPU.
+# Full: the demo's width and epochs, 2 alternated repetitions after a warm-up epoch
+# (the engine compiles its loaders once per stage). The fine-tuning comparison runs 20
+# of the demo's 40 iterations: at 40, its epochs alone would take most of the suite's
+# time on a 2-core CPU.
 FULL = dict(width=16, reps=2, warmup=1, max_steps=0, finetune_iterations=40, compare_finetune_iterations=20,
-            finetune_warmup=0, pipeline=True, overrides=())
+            finetune_warmup=1, pipeline=True, overrides=())
 # Quick: one loader thread / worker and small batches, so a smoke run stays short even
 # on a busy machine (spinning OpenMP threads collapse when cores are oversubscribed).
 QUICK = dict(width=4, reps=1, warmup=0, max_steps=1, finetune_iterations=1, compare_finetune_iterations=1,
@@ -108,7 +109,8 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     from engine.losses.sce import symmetric_cross_entropy
     from engine.runtime.batching import plan_batch, steps_per_epoch
     from engine.stages.common import train_loader
-    from engine.stages.split import compute_split, select_lowest
+    from engine.data.loaders import set_indices
+    from engine.stages.split import compute_split, select_lowest, split_loader
     from engine.stages.views import WeakAugment, simclr_spec
 
     s = QUICK if quick else FULL
@@ -222,13 +224,24 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
         module.train()
         return select_lowest(losses, f.epsilon)[0]
 
+    engine_loaders: dict = {}
+
     def finetune_engine(r):
         epoch = r % 1_000_000
-        split = compute_split(ctx, rig.backend.module, augment, epoch, f.epsilon, f.sce_alpha, f.sce_beta)
+        if "split" not in engine_loaders:
+            engine_loaders["split"] = split_loader(ctx)
+        split = compute_split(ctx, rig.backend.module, augment, epoch, f.epsilon, f.sce_alpha, f.sce_beta,
+                              loader=engine_loaders["split"])
         unlabelled = np.setdiff1d(np.arange(n), split.labelled)
-        # New loaders for the new split, as engine/stages/finetune.py builds them each epoch.
-        xs = _cycle_engine(train_loader(ctx, B, indices=split.labelled, seed_offset=101), epoch)
-        us = _cycle_engine(train_loader(ctx, B, indices=unlabelled, seed_offset=202), epoch)
+        # As engine/stages/finetune.py: loaders built once, their subsets swapped every epoch.
+        if "x" not in engine_loaders:
+            engine_loaders["x"] = train_loader(ctx, B, indices=split.labelled, seed_offset=101)
+            engine_loaders["u"] = train_loader(ctx, B, indices=unlabelled, seed_offset=202)
+        else:
+            set_indices(engine_loaders["x"], split.labelled)
+            set_indices(engine_loaders["u"], unlabelled)
+        xs = _cycle_engine(engine_loaders["x"], epoch)
+        us = _cycle_engine(engine_loaders["u"], epoch)
         for i in range(iters):
             (x_img, x_lab, _), (u_img, _, _) = next(xs), next(us)
             rig.train(*rig.inputs(x_img, x_lab, u_img, epoch, i), epoch, i)
@@ -254,7 +267,7 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
 
     comparisons["finetune/epoch"] = _compare(
         finetune_engine, finetune_reference, s["reps"], s["finetune_warmup"], iters,
-        note=f"split pass over every training image + new loaders + {iters} MixMatch iterations")
+        note=f"split pass over every training image + new labelled/unlabelled subsets + {iters} MixMatch iterations")
     settings_per_stage["finetune"] = {"batch": B, "iterations": iters, "split_batch": SPLIT_BATCH}
     del rig
 

@@ -104,3 +104,24 @@ def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
         drop_last=spec.drop_last,
         batches_ahead=spec.batches_ahead,
     )
+
+
+def set_indices(loader, indices: Sequence[int]) -> None:
+    """Point a loader built by ``make_loader`` at another subset of its file.
+
+    Building an FFCV loader generates and compiles its pipeline (about a second per
+    loader on a CPU); the subset only feeds the traversal order, so swapping it is free.
+    The fine-tuning stage re-splits its data every epoch and uses this to keep its loaders.
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    if len(idx) == 0:
+        raise UserError("loader was given an empty index subset")
+    n = loader.reader.num_samples
+    if idx.min() < 0 or idx.max() >= n:
+        raise UserError(f"loader subset has indices outside [0, {n})")
+    order = loader.traversal_order
+    if not isinstance(order, ShardedOrder):
+        raise TypeError("set_indices needs a loader built by make_loader")
+    loader.indices = idx
+    order.indices = idx
+    loader.first_traversal_order = order.sample_order(loader.next_epoch)

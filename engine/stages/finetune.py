@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.data.loaders import set_indices
+from engine.errors import UserError
 from engine.losses.mixmatch import interleave, linear_rampup, mixmatch_loss, mixup, sharpen
 from engine.models import Classifier
 from engine.runtime.backends import build_backend
@@ -25,7 +27,7 @@ from engine.runtime.checkpoint import Checkpointer, save_final_model
 from engine.stages.common import EpochEval, load_weights, train_loader
 from engine.stages.context import MODEL
 from engine.stages.loop import run_loop
-from engine.stages.split import compute_split
+from engine.stages.split import compute_split, split_loader
 from engine.stages.views import WeakAugment
 
 
@@ -81,7 +83,10 @@ def run(ctx) -> dict:
 
     def on_epoch_start(epoch: int) -> None:
         if state["split_epoch"] != epoch:
-            split = compute_split(ctx, backend.module, augment, epoch, s.epsilon, s.sce_alpha, s.sce_beta)
+            if "split" not in loaders:
+                loaders["split"] = split_loader(ctx)
+            split = compute_split(ctx, backend.module, augment, epoch, s.epsilon, s.sce_alpha, s.sce_beta,
+                                  loader=loaders["split"])
             state.update(split_epoch=epoch, labelled=torch.from_numpy(split.labelled))
             quality = split.quality(poisoned)
             if dist.is_main:
@@ -90,9 +95,18 @@ def run(ctx) -> dict:
                       f"{quality['labelled_poison_share']:.2f}%, detector recall {quality['recall']:.1f}%", flush=True)
         labelled = state["labelled"].numpy()
         unlabelled = np.setdiff1d(np.arange(len(poisoned)), labelled)
-        # New index subsets every epoch: FFCV loaders take their subset at construction.
-        loaders["x"] = train_loader(ctx, B, indices=labelled, seed_offset=101)
-        loaders["u"] = train_loader(ctx, B, indices=unlabelled, seed_offset=202)
+        for name, part in (("labelled", labelled), ("unlabelled", unlabelled)):
+            if len(part) < B * dist.world_size:
+                raise UserError(f"finetune: the {name} part of the split has {len(part)} samples, fewer than one "
+                                f"global batch ({B * dist.world_size}); lower finetune.batch_size or change "
+                                f"finetune.epsilon ({s.epsilon})")
+        # The loaders are built once; each epoch only swaps their subsets (a rebuild recompiles).
+        if "x" not in loaders:
+            loaders["x"] = train_loader(ctx, B, indices=labelled, seed_offset=101)
+            loaders["u"] = train_loader(ctx, B, indices=unlabelled, seed_offset=202)
+        else:
+            set_indices(loaders["x"], labelled)
+            set_indices(loaders["u"], unlabelled)
 
     def batches(epoch: int):
         xs, us = cycle(loaders["x"], epoch), cycle(loaders["u"], epoch)

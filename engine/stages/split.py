@@ -57,18 +57,28 @@ def rank_batches(n: int, rank: int, world_size: int, batch: int = SPLIT_BATCH) -
     return idx, ks
 
 
+def split_loader(ctx):
+    """This rank's loader for the loss pass (None if it scores nothing). Its subset is
+    the same every epoch, so the fine-tuning stage builds it once and reuses it."""
+    cfg, dist = ctx.cfg, ctx.dist
+    idx, _ = rank_batches(len(ctx.poison.plan.labels), dist.rank, dist.world_size)
+    if not len(idx):
+        return None
+    return make_loader(LoaderSpec(root=cfg.data.root, split="train", batch_size=SPLIT_BATCH, shuffle=False,
+                                  drop_last=False, num_workers=cfg.data.num_workers, indices=idx,
+                                  decode_size=cfg.data.decode_size or cfg.data.image_size, train=True),
+                       poison=ctx.poison.train_ops() if ctx.poison is not None else None)
+
+
 @torch.no_grad()
 def per_sample_losses(ctx, module: torch.nn.Module, augment, epoch: int, labels: np.ndarray,
-                      alpha: float, beta: float) -> np.ndarray:
+                      alpha: float, beta: float, loader=None) -> np.ndarray:
     cfg, dist = ctx.cfg, ctx.dist
     n = len(labels)
     idx, ks = rank_batches(n, dist.rank, dist.world_size)
     local = torch.full((n,), float("nan"), dtype=torch.float64)
     if len(idx):
-        loader = make_loader(LoaderSpec(root=cfg.data.root, split="train", batch_size=SPLIT_BATCH, shuffle=False,
-                                        drop_last=False, num_workers=cfg.data.num_workers, indices=idx,
-                                        decode_size=cfg.data.decode_size or cfg.data.image_size, train=True),
-                             poison=ctx.poison.train_ops() if ctx.poison is not None else None)
+        loader = loader if loader is not None else split_loader(ctx)
         was_training = module.training
         module.eval()
         for (images, y, indices), k in zip(loader, ks):
@@ -96,8 +106,9 @@ def per_sample_losses(ctx, module: torch.nn.Module, augment, epoch: int, labels:
     return local.numpy()
 
 
-def compute_split(ctx, module, augment, epoch: int, epsilon: float, alpha: float, beta: float) -> Split:
+def compute_split(ctx, module, augment, epoch: int, epsilon: float, alpha: float, beta: float,
+                  loader=None) -> Split:
     labels = np.asarray(ctx.poison.plan.labels)
-    losses = per_sample_losses(ctx, module, augment, epoch, labels, alpha, beta)
+    losses = per_sample_losses(ctx, module, augment, epoch, labels, alpha, beta, loader=loader)
     labelled, unlabelled = select_lowest(losses, epsilon)
     return Split(labelled=labelled, unlabelled=unlabelled, losses=losses)
