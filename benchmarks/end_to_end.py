@@ -81,19 +81,6 @@ def run_pipeline(root: Path, width: int, iterations: int) -> dict:
                    f"finetune.epochs=1, finetune.iterations_per_epoch={iterations}, model.width={width}"}
 
 
-def _cycle_engine(loader, base: int):
-    """engine/stages/finetune.py's ``cycle``: endless batches, a new epoch seed per pass."""
-    k = 0
-    while True:
-        loader.next_epoch = base * 1000 + k
-        it = iter(loader)
-        try:
-            yield from it
-        finally:
-            it.close()
-        k += 1
-
-
 def _cycle_reference(loader):
     while True:
         yield from loader
@@ -110,6 +97,7 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     from engine.runtime.batching import plan_batch, steps_per_epoch
     from engine.stages.common import train_loader
     from engine.data.loaders import set_indices
+    from engine.stages.finetune import cycle
     from engine.stages.split import compute_split, select_lowest, split_loader
     from engine.stages.views import WeakAugment, simclr_spec
 
@@ -240,8 +228,8 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
         else:
             set_indices(engine_loaders["x"], split.labelled)
             set_indices(engine_loaders["u"], unlabelled)
-        xs = _cycle_engine(engine_loaders["x"], epoch)
-        us = _cycle_engine(engine_loaders["u"], epoch)
+        xs = cycle(engine_loaders["x"], epoch)
+        us = cycle(engine_loaders["u"], epoch)
         for i in range(iters):
             (x_img, x_lab, _), (u_img, _, _) = next(xs), next(us)
             rig.train(*rig.inputs(x_img, x_lab, u_img, epoch, i), epoch, i)
