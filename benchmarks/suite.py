@@ -502,15 +502,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
         # FFCV, numba's TBB pool or DeepSpeed can abort the process ("terminate called
         # without an active exception") after the work is done.
         os._exit(0)
+    try:
+        return run_from_args(args)
+    except UnknownBenchmark as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """List, or run the selected benchmarks and print the table (``UnknownBenchmark`` on a bad name)."""
     if args.list:
         for b in REGISTRY.values():
             print(f"{b.name:<12} {b.summary}")
         return 0
-    try:
-        names = select(args.names)
-    except UnknownBenchmark as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    names = select(args.names)
     records, failures = run_suite(names, quick=args.quick, out=Path(args.out), device=default_device(args.device),
                                   threads=args.threads, isolate=not args.in_process)
     if records:
