@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,14 @@ def test_end_to_end_then_resume_skips_finished(tmp_path, color_root):
     # A rerun of a finished run does no training.
     r = dbd("run", cfg)
     assert r.returncode == 0 and "starting" not in r.stdout
+
+    # Fine-tuning whose split parts cannot fill one batch: one clear error, exit 2.
+    again = tmp_path / "again"
+    shutil.copytree(run, again, ignore=shutil.ignore_patterns("finetune"))
+    r = dbd("run", cfg, f"run_dir={again}", "finetune.batch_size=128")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "the labelled part of the split has 100 samples, fewer than one global batch (128)" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_missing_upstream_stage(tmp_path, color_root):
