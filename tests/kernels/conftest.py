@@ -7,8 +7,8 @@ import sys
 
 # Without a GPU, Triton kernels can only run interpreted, and triton fixes the mode when
 # it is first imported (torchvision imports it too): set the mode before any test module
-# here imports either. If triton is already loaded, test_kernels_triton.py falls back to
-# running its checks in a fresh process.
+# here imports either. test_kernels_triton.py runs its interpreted checks in a fresh
+# process of their own.
 if "triton" not in sys.modules:
     import torch
 
