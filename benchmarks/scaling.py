@@ -68,8 +68,9 @@ def worker(args: argparse.Namespace) -> int:
             barrier()
             rates.append(args.steps * args.batch * dist.world_size / (time.perf_counter() - t0))
         if dist.rank == 0:
-            Path(args.out).write_text(json.dumps({"world": dist.world_size, "rates": rates,
-                                                  "threads": torch.get_num_threads()}))
+            from engine.fsutil import write_json
+
+            write_json(Path(args.out), {"world": dist.world_size, "rates": rates, "threads": torch.get_num_threads()})
     finally:
         shutdown()
     return 0
@@ -157,4 +158,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The rank's work and its collectives are done: skip interpreter teardown, where a
+    # C++ thread left running (gloo, OpenMP) can abort the process ("terminate called
+    # without an active exception", exit -6) and fail a finished job.
+    os._exit(code)

@@ -420,6 +420,10 @@ def table(records: list[dict]) -> str:
                 lines.append(f"{rec['benchmark']:<12} {key[:46]:<46} {str(m.get('unit', ''))[:14]:<14} "
                              f"{_fmt(m.get('median')):>12} {'':>12} {'':>8}")
     lines.append("(* headline figure; ratio = engine / reference, higher is better)")
+    if any(rec.get("quick") for rec in records):
+        # Quick runs skip warm-up and time a step or two: compilation dominates them.
+        lines.append("(--quick: a smoke run without warm-up; its figures are not measurements, "
+                     "run without --quick for those)")
     return "\n".join(lines)
 
 
