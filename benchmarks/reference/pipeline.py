@@ -12,6 +12,8 @@ The transforms are built from the engine's own view specs (``kernels.SimCLRSpec`
 """
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -79,7 +81,7 @@ class BadNetsTrigger:
         return img + self.pattern
 
 
-class _PoisonDataset(Dataset):
+class _PoisonDataset(Dataset, abc.ABC):
     """Shared ``__getitem__`` logic: trigger, label, then the views.
 
     ``transform`` None returns the (triggered) uint8 HWC image as a tensor, what the
@@ -98,8 +100,9 @@ class _PoisonDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @abc.abstractmethod
     def _raw(self, index: int) -> np.ndarray:
-        raise NotImplementedError
+        """The clean uint8 HWC image ``index``, as the source stores it."""
 
     def __getitem__(self, index: int):
         from PIL import Image

@@ -94,15 +94,7 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def losses(rdir: Path) -> dict[int, float]:
     """Per-step loss of the pretrain stage (the last record wins after a resume)."""
-    out = {}
-    for line in (rdir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("kind") == "step" and rec.get("stage") == "pretrain":
-            out[int(rec["global_step"])] = float(rec["loss"])
-    return out
+    return dict(step_records(rdir))
 
 
 def step_records(rdir: Path) -> list[tuple[int, float]]:
