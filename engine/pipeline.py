@@ -1,76 +1,97 @@
 """``dbd run``: the stages a config lists, each in its own folder under the run dir.
 
 A stage is complete when ``<run_dir>/<stage>/done.json`` exists; complete stages are
-skipped, an interrupted one resumes from its latest checkpoint (engine.stages.loop).
+skipped, an interrupted one resumes from its latest checkpoint (engine.stages.trainer).
 After the stages, rank 0 writes ``summary.json`` and ``report.md`` with plots.
+
+This module wires the run's components together and hands each only its own config
+section: the process group (``device``, ``distributed``), the attack (``attack``,
+``data``), the data (``data``), and each stage (its section plus a typed StageEnv).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
 
-from engine.config import Config, dump_yaml, save_resolved
+from engine.config import dump_yaml, save_resolved
 from engine.data.prepare import load_meta
+from engine.data.run_data import DatasetMeta, RunData
 from engine.errors import UserError
-from engine.fsutil import write_json
 from engine.report.metrics import MetricsWriter
-from engine.stages import STAGE_MODULES
-from engine.stages.context import DONE, StageContext
+from engine.runtime.precision import Precision
+from engine.stages import StageEnv, stage_class
+from engine.stages.base import DONE
+from engine.stages.trainer import Trainer
 
 
-def check_dataset(cfg: Config, meta: dict) -> None:
-    if meta.get("name") != cfg.data.name:
+def check_dataset(cfg, meta: DatasetMeta) -> None:
+    if meta.name != cfg.data.name:
         raise UserError(f"config is for dataset {cfg.data.name!r} but {cfg.data.root} holds "
-                        f"{meta.get('name')!r}: set data.name or data.root")
-    n = int(meta["num_classes"])
-    if cfg.attack.name != "none" and not 0 <= cfg.attack.target < n:
-        raise UserError(f"config: attack.target {cfg.attack.target} is outside the {n} classes of {meta['name']}")
+                        f"{meta.name!r}: set data.name or data.root")
+    if cfg.attack.name != "none" and not 0 <= cfg.attack.target < meta.num_classes:
+        raise UserError(f"config: attack.target {cfg.attack.target} is outside the {meta.num_classes} classes "
+                        f"of {meta.name}")
 
 
-def run(cfg: Config, *, stages: tuple[str, ...] | None = None) -> dict:
+def preflight(cfg, world_size: int, stages=None) -> None:
+    """Every check that can fail on the run config alone, before any stage starts work:
+    each stage's batch divides over the ranks, and the DeepSpeed config agrees with the
+    run config (precision, batch, clipping, ZeRO stage, LARS)."""
+    from engine.runtime.backends import check_backend
+    from engine.runtime.batching import plan_batch
+
+    for name in stages or cfg.stages:
+        cls = stage_class(name)
+        section = cfg.section(name)
+        plan = plan_batch(cls.batch_size(section), cfg.distributed, world_size, f"{name}.batch_size")
+        check_backend(cfg.distributed, cfg.precision, world_size, per_rank_batch=plan.per_rank,
+                      per_layer_optimizer=cls.per_layer_optimizer(section))
+
+
+def make_stage(cfg, name: str, *, run_dir: Path, dist, data: RunData, metrics: MetricsWriter | None = None):
+    """Stage ``name`` of this config, not yet built, with its section and StageEnv.
+
+    ``dbd run`` and the benchmarks build stages through here, so a benchmark times the
+    very object a run trains."""
+    metrics = metrics if metrics is not None else MetricsWriter(Path(run_dir) / "metrics.jsonl", enabled=False)
+    env = StageEnv(name=name, run_dir=Path(run_dir), seed=cfg.seed, precision=Precision(cfg.precision), dist=dist,
+                   data=data, poison=data.poison, model=cfg.model, distributed=cfg.distributed,
+                   metrics=metrics.with_context(stage=name))
+    return stage_class(name)(cfg.section(name), env)
+
+
+def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
     from engine.runtime.launch import barrier, init_distributed, shutdown
 
     if not cfg.data.root:
         raise UserError("config: data.root is empty: point it at a folder written by `dbd prepare`")
-    meta = load_meta(cfg.data.root)
+    meta = DatasetMeta.from_raw(load_meta(cfg.data.root))
     check_dataset(cfg, meta)
+    names = tuple(stages or cfg.stages)
+    for name in names:
+        stage_class(name)
     run_dir = Path(cfg.run_dir)
-    dist = init_distributed(cfg)
+    dist = init_distributed(cfg.device, cfg.distributed)
     try:
-        from engine.runtime.backends import preflight
-
-        preflight(cfg, dist.world_size)  # batch divisibility, DeepSpeed config: before any work
+        preflight(cfg, dist.world_size, names)  # batch divisibility, DeepSpeed config: before any work
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             _record_config(cfg, run_dir)
         poison = _build_poison(cfg, meta, run_dir, dist, barrier)
+        data = RunData(cfg.data, meta, dist, cfg.seed, poison)
         metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=dist.is_main)
         results = {}
-        for name in stages or cfg.stages:
-            ctx = StageContext(cfg=cfg, name=name, run_dir=run_dir, dist=dist, meta=meta, poison=poison,
-                               metrics=metrics.with_context(stage=name))
-            done = ctx.stage_dir / DONE
+        for name in names:
+            done = run_dir / name / DONE
             if done.is_file():
                 if dist.is_main:
                     print(f"[{name}] complete, skipped ({done})", flush=True)
                 results[name] = json.loads(done.read_text())
                 continue
-            if dist.is_main:
-                ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-                print(f"[{name}] starting", flush=True)
-            barrier()
-            t0 = time.time()
-            summary = importlib.import_module(STAGE_MODULES[name]).run(ctx)
-            summary = {"stage": name, "seconds": round(time.time() - t0, 2), "world_size": dist.world_size,
-                       **(summary or {})}
-            if dist.is_main:
-                write_json(done, summary)
-                metrics.log("stage_done", **{k: v for k, v in summary.items() if _scalar(v)})
-                print(f"[{name}] done in {summary['seconds']:.1f} s", flush=True)
-            barrier()
-            results[name] = summary
+            stage = make_stage(cfg, name, run_dir=run_dir, dist=dist, data=data, metrics=metrics)
+            results[name] = Trainer(stage, logging=cfg.logging,
+                                    checkpoint_every=cfg.distributed.checkpoint_every).run()
         if dist.is_main:
             from engine.report.build import build_report
 
@@ -83,11 +104,7 @@ def run(cfg: Config, *, stages: tuple[str, ...] | None = None) -> dict:
         shutdown()
 
 
-def _scalar(v) -> bool:
-    return isinstance(v, (int, float, str, bool)) or v is None
-
-
-def _record_config(cfg: Config, run_dir: Path) -> None:
+def _record_config(cfg, run_dir: Path) -> None:
     path = run_dir / "config.yaml"
     if path.is_file() and path.read_text() != dump_yaml(cfg):
         # A resumed run with different settings: keep the earlier one for the record.
@@ -97,13 +114,13 @@ def _record_config(cfg: Config, run_dir: Path) -> None:
     save_resolved(cfg, run_dir)
 
 
-def _build_poison(cfg: Config, meta: dict, run_dir: Path, dist, barrier):
+def _build_poison(cfg, meta: DatasetMeta, run_dir: Path, dist, barrier):
     from engine.attacks.runtime import build_poison
 
     # Rank 0 draws (or verifies) the plan and saves it; the others load that file, so
     # every rank and every stage sees the same poisoned set.
-    poison = build_poison(cfg, meta, run_dir) if dist.is_main else None
+    poison = build_poison(cfg, meta.raw, run_dir) if dist.is_main else None
     barrier()
     if not dist.is_main:
-        poison = build_poison(cfg, meta, run_dir)
+        poison = build_poison(cfg, meta.raw, run_dir)
     return poison

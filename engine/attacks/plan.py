@@ -116,7 +116,7 @@ def plan_settings(attack) -> dict:
 
 
 def trigger_settings(attack) -> dict | None:
-    from engine.config import to_dict
+    from engine.settings import to_dict
 
     if attack.name == "none":
         return None

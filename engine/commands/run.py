@@ -11,7 +11,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.config import STAGES, load_config
+    from engine.config import load_config
+    from engine.stages import STAGES
     from engine.errors import UserError
     from engine.pipeline import run
 

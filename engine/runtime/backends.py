@@ -1,7 +1,8 @@
 """Training backends: DistributedDataParallel and DeepSpeed behind one small interface.
 
 A stage never branches on the backend. It builds its model and an optimizer factory,
-calls :func:`build_backend`, and then only uses::
+calls :func:`build_backend` with the ``distributed`` config section and the run's
+:class:`~engine.runtime.precision.Precision`, and then only uses::
 
     out = backend.forward(x)                 # under the configured autocast
     outs = backend.forward_each([x1, x2])    # several forwards, one graph (MixMatch interleave)
@@ -28,7 +29,9 @@ from torch import nn
 from engine.errors import UserError
 from engine.runtime.syncbn import convert_sync_batchnorm, needs_conversion
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from engine.runtime.precision import DTYPES, Precision
+
+_DTYPES = {k: v for k, v in DTYPES.items() if k != "fp32"}
 TRAIN_STATE = "train_state.pt"
 DS_TAG = "deepspeed"
 DS_SCALER = "deepspeed_grad_scaler.pt"
@@ -55,10 +58,11 @@ class _Each(nn.Module):
 class TrainBackend(abc.ABC):
     name = "base"
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg, dist):
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, distributed, precision: Precision, dist):
         self.module = module
         self.optimizer = optimizer
-        self.cfg = cfg
+        self.distributed = distributed  # the config's ``distributed`` section
+        self.precision = precision
         self.dist = dist
         self.device = dist.device
         self.model: Callable = module
@@ -122,17 +126,15 @@ class TrainBackend(abc.ABC):
 class DDPBackend(TrainBackend):
     name = "ddp"
 
-    def __init__(self, module, make_optimizer, cfg, dist, *, sync_bn: bool, find_unused_parameters: bool):
-        precision = cfg.precision
+    def __init__(self, module, make_optimizer, distributed, precision: Precision, dist, *, sync_bn: bool,
+                 find_unused_parameters: bool):
         module = module.to(dist.device)
-        if cfg.distributed.channels_last:
+        if distributed.channels_last:
             module = module.to(memory_format=torch.channels_last)
         if sync_bn and needs_conversion(dist.device, dist.world_size):
             module = convert_sync_batchnorm(module, dist.device)
         optimizer = make_optimizer(module.parameters())
-        super().__init__(module, optimizer, cfg, dist)
-        self.precision = precision
-        self.dtype = _DTYPES.get(precision)
+        super().__init__(module, optimizer, distributed, precision, dist)
         wrapped: nn.Module = _Each(module)
         if dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -146,16 +148,14 @@ class DDPBackend(TrainBackend):
                 wrapped = DDP(wrapped, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
                               broadcast_buffers=not sync_bn, find_unused_parameters=find_unused_parameters,
                               gradient_as_bucket_view=True)
-        if cfg.distributed.compile:
+        if distributed.compile:
             wrapped = torch.compile(wrapped)
         self.model = wrapped
-        self.scaler = torch.amp.GradScaler(dist.device.type) if precision == "fp16" else None
-        self.clip = float(cfg.distributed.grad_clip)
+        self.scaler = precision.grad_scaler(dist.device)
+        self.clip = float(distributed.grad_clip)
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return self.precision.autocast(self.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -231,9 +231,11 @@ def load_ds_config(path: str) -> dict:
     return ds
 
 
-def resolve_ds_config(cfg, *, per_rank_batch: int, world_size: int, per_layer_optimizer: bool) -> dict:
-    """The DeepSpeed config for this run, or a UserError where it contradicts the run config."""
-    path = cfg.distributed.deepspeed_config
+def resolve_ds_config(distributed, precision: str, *, per_rank_batch: int, world_size: int,
+                      per_layer_optimizer: bool) -> dict:
+    """The DeepSpeed config for this run, or a UserError where it contradicts the run config
+    (``distributed`` is the config's section, ``precision`` its fp32 | bf16 | fp16)."""
+    path = distributed.deepspeed_config
     ds = load_ds_config(path)
     where = f"deepspeed config {path}"
     for key in ("optimizer", "scheduler"):
@@ -241,9 +243,9 @@ def resolve_ds_config(cfg, *, per_rank_batch: int, world_size: int, per_layer_op
             raise UserError(f"{where} has an {key!r} section: the stage builds its own {key} "
                             f"(and schedule) from the run config; remove it")
     prec = ds_precision(ds)
-    if prec != cfg.precision:
-        raise UserError(f"{where} trains in {prec} but the run config says precision={cfg.precision}: "
-                        f"make them agree (e.g. precision={prec}, or a configs/deepspeed/*_{cfg.precision}.json)")
+    if prec != precision:
+        raise UserError(f"{where} trains in {prec} but the run config says precision={precision}: "
+                        f"make them agree (e.g. precision={prec}, or a configs/deepspeed/*_{precision}.json)")
     want = {"train_micro_batch_size_per_gpu": per_rank_batch, "gradient_accumulation_steps": 1,
             "train_batch_size": per_rank_batch * world_size}
     for key, value in want.items():
@@ -252,7 +254,7 @@ def resolve_ds_config(cfg, *, per_rank_batch: int, world_size: int, per_layer_op
                             f"(batch sizes come from the stage config and distributed.batch_semantics; "
                             f"remove {key} from the JSON)")
         ds[key] = value
-    clip = float(cfg.distributed.grad_clip)
+    clip = float(distributed.grad_clip)
     if "gradient_clipping" in ds and float(ds["gradient_clipping"]) != clip:
         raise UserError(f"{where} sets gradient_clipping={ds['gradient_clipping']} but "
                         f"distributed.grad_clip={clip}: make them agree")
@@ -265,7 +267,7 @@ def resolve_ds_config(cfg, *, per_rank_batch: int, world_size: int, per_layer_op
     if per_layer_optimizer and flattening:
         raise UserError(f"LARS needs per-layer trust ratios, but {where} flattens parameters into partitions "
                         f"(ZeRO stage {stage} or DeepSpeed's own bf16/fp16 optimizer): use optimizer sgd, "
-                        f"or a ZeRO-0 torch_autocast config such as configs/deepspeed/zero0_{cfg.precision}.json")
+                        f"or a ZeRO-0 torch_autocast config such as configs/deepspeed/zero0_{precision}.json")
     # Our optimizers are plain torch ones (SGD, Adam, LARS); ZeRO only whitelists a few.
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 1 << 30)
@@ -276,7 +278,8 @@ def resolve_ds_config(cfg, *, per_rank_batch: int, world_size: int, per_layer_op
 class DeepSpeedBackend(TrainBackend):
     name = "deepspeed"
 
-    def __init__(self, module, make_optimizer, cfg, dist, *, sync_bn: bool, per_rank_batch: int):
+    def __init__(self, module, make_optimizer, distributed, precision: Precision, dist, *, sync_bn: bool,
+                 per_rank_batch: int):
         import deepspeed
 
         # Weights stay contiguous: DeepSpeed broadcasts and flattens parameters through
@@ -286,20 +289,20 @@ class DeepSpeedBackend(TrainBackend):
         if sync_bn and needs_conversion(dist.device, dist.world_size):
             module = convert_sync_batchnorm(module, dist.device)
         optimizer = make_optimizer(module.parameters())
-        ds = resolve_ds_config(cfg, per_rank_batch=per_rank_batch, world_size=dist.world_size,
+        ds = resolve_ds_config(distributed, precision.name, per_rank_batch=per_rank_batch, world_size=dist.world_size,
                                per_layer_optimizer=getattr(optimizer, "per_layer", False))
         self.ds_config = ds
         self.native_dtype = next((_DTYPES[p] for p in ("bf16", "fp16")
                                   if isinstance(ds.get(p), dict) and ds[p].get("enabled", False)), None)
         auto = ds.get("torch_autocast", {})
         self.autocast_dtype = _DTYPES[ds_precision(ds)] if auto.get("enabled", False) else None
-        super().__init__(module, optimizer, cfg, dist)
+        super().__init__(module, optimizer, distributed, precision, dist)
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=_Each(module), optimizer=optimizer,
                                                           config=ds, dist_init_required=False)
         self.engine = engine
         self.ds_optimizer = ds_optimizer
         self.model = engine
-        if cfg.distributed.compile:
+        if distributed.compile:
             engine.compile()
 
     def autocast(self):
@@ -370,38 +373,31 @@ class DeepSpeedBackend(TrainBackend):
 
 
 def build_backend(model: nn.Module, make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
-                  cfg, dist, *, sync_bn: bool, per_rank_batch: int = 0,
+                  distributed, precision: Precision, dist, *, sync_bn: bool, per_rank_batch: int = 0,
                   find_unused_parameters: bool = False) -> TrainBackend:
-    """Wrap ``model`` for training on ``dist.device`` with ``cfg.distributed.backend``.
+    """Wrap ``model`` for training on ``dist.device`` with ``distributed.backend``.
 
     ``make_optimizer`` receives the final parameters (after device placement and any
     SyncBatchNorm conversion). ``per_rank_batch`` is required by DeepSpeed (its config
     states the batch); ``sync_bn`` applies only with more than one process.
     """
-    name = cfg.distributed.backend
+    name = distributed.backend
     if name == "ddp":
-        return DDPBackend(model, make_optimizer, cfg, dist, sync_bn=sync_bn,
+        return DDPBackend(model, make_optimizer, distributed, precision, dist, sync_bn=sync_bn,
                           find_unused_parameters=find_unused_parameters)
     if name == "deepspeed":
         if per_rank_batch < 1:
             raise ValueError("build_backend: the deepspeed backend needs per_rank_batch")
-        return DeepSpeedBackend(model, make_optimizer, cfg, dist, sync_bn=sync_bn, per_rank_batch=per_rank_batch)
+        return DeepSpeedBackend(model, make_optimizer, distributed, precision, dist, sync_bn=sync_bn,
+                                per_rank_batch=per_rank_batch)
     raise UserError(f"config: distributed.backend {name!r} is unknown: must be ddp or deepspeed")
 
 
-def preflight(cfg, world_size: int) -> None:
-    """Every check that can fail on the run config alone, before any stage starts work.
-
-    Batch divisibility of each configured stage, and the DeepSpeed config against the
-    run config (precision, batch, clipping, ZeRO stage, LARS).
-    """
-    from engine.runtime.batching import plan_batch
-
-    if cfg.distributed.backend not in ("ddp", "deepspeed"):
-        raise UserError(f"config: distributed.backend {cfg.distributed.backend!r} is unknown: must be ddp or deepspeed")
-    for stage in cfg.stages:
-        section = getattr(cfg, stage)
-        plan = plan_batch(section.batch_size, cfg, world_size, f"{stage}.batch_size")
-        if cfg.distributed.backend == "deepspeed":
-            lars = stage == "pretrain" and cfg.pretrain.optimizer == "lars"
-            resolve_ds_config(cfg, per_rank_batch=plan.per_rank, world_size=world_size, per_layer_optimizer=lars)
+def check_backend(distributed, precision: str, world_size: int, *, per_rank_batch: int,
+                  per_layer_optimizer: bool) -> None:
+    """What can fail about the backend on the config alone, before any work (preflight)."""
+    if distributed.backend not in ("ddp", "deepspeed"):
+        raise UserError(f"config: distributed.backend {distributed.backend!r} is unknown: must be ddp or deepspeed")
+    if distributed.backend == "deepspeed":
+        resolve_ds_config(distributed, precision, per_rank_batch=per_rank_batch, world_size=world_size,
+                          per_layer_optimizer=per_layer_optimizer)

@@ -27,11 +27,12 @@ class BatchPlan:
         return lr * self.lr_factor
 
 
-def plan_batch(batch_size: int, cfg, world_size: int, key: str) -> BatchPlan:
-    """The per-rank batch for ``batch_size`` (config key ``key``), validated."""
+def plan_batch(batch_size: int, distributed, world_size: int, key: str) -> BatchPlan:
+    """The per-rank batch for ``batch_size`` (config key ``key``), validated; ``distributed``
+    is the config's section (batch semantics, learning-rate scaling)."""
     if batch_size < 1:
         raise UserError(f"config: {key} must be >= 1, got {batch_size}")
-    semantics = cfg.distributed.batch_semantics
+    semantics = distributed.batch_semantics
     if semantics == "global":
         if batch_size % world_size:
             raise UserError(f"config: {key}={batch_size} is a global batch (distributed.batch_semantics=global) "
@@ -44,7 +45,7 @@ def plan_batch(batch_size: int, cfg, world_size: int, key: str) -> BatchPlan:
     else:
         raise UserError(f"config: distributed.batch_semantics must be global or per_rank, got {semantics!r}")
     ratio = global_batch / batch_size
-    mode = cfg.distributed.lr_scaling
+    mode = distributed.lr_scaling
     if mode == "none":
         factor = 1.0
     elif mode == "linear":

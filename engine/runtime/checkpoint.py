@@ -87,15 +87,6 @@ def _broadcast(obj: Any) -> Any:
     return obj
 
 
-def _all_ok(ok: bool, device: torch.device) -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        flag = torch.tensor([0 if ok else 1], device=device)
-        torch.distributed.all_reduce(flag)
-        return int(flag.item()) == 0
-    return ok
-
-
 class Checkpointer:
     """Save and restore one stage's training state; all methods are called on every rank."""
 
@@ -167,7 +158,7 @@ class Checkpointer:
                 print(f"[rank {self.dist.rank}] checkpoint {d} unreadable ({type(e).__name__}: {e}); "
                       f"trying the previous one", flush=True)
                 ok = False
-            if not _all_ok(ok, self.dist.device):
+            if not self.dist.all_true(ok):
                 continue
             if rng is not None:
                 set_rng_state(rng, self.dist.device)

@@ -44,6 +44,45 @@ class DistInfo:
     def distributed(self) -> bool:
         return self.backend is not None
 
+    # ---- collectives: every rank calls them, in the same order.
+    @property
+    def collective_device(self) -> torch.device:
+        """Where tensors must be for this process group: gloo reduces CPU tensors, NCCL
+        device tensors. The one place that rule is decided."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of ``t`` over ranks, returned on ``t``'s own device (``t`` itself alone)."""
+        if self.world_size == 1:
+            return t
+        import torch.distributed as tdist
+
+        out = t.to(self.collective_device)
+        tdist.all_reduce(out)
+        return out.to(t.device)
+
+    def mean_over_ranks(self, values: dict) -> dict[str, float]:
+        """Average each scalar (float or 0-d tensor) over ranks in one collective; plain floats."""
+        if not values:
+            return {}
+        keys = sorted(values)
+        device = self.collective_device
+        vec = torch.stack([values[k].detach().to(device, torch.float64).reshape(()) if torch.is_tensor(values[k])
+                           else torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(())
+                           for k in keys])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(vec)
+            vec = vec / self.world_size
+        return {k: float(v) for k, v in zip(keys, vec.tolist())}
+
+    def all_true(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank."""
+        if self.world_size == 1:
+            return ok
+        flag = torch.tensor([0 if ok else 1], device=self.collective_device)
+        torch.distributed.all_reduce(flag)
+        return int(flag.item()) == 0
+
 
 _INFO: DistInfo | None = None
 
@@ -171,8 +210,7 @@ def _discover() -> _Env:
 # --------------------------------------------------------------------------- init
 
 
-def _pick_device(cfg, local_rank: int) -> torch.device:
-    want = cfg.device
+def _pick_device(want: str, local_rank: int) -> torch.device:
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cpu":
@@ -186,8 +224,11 @@ def _pick_device(cfg, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(cfg) -> DistInfo:
-    """Detect the launcher, create the process group, pin the device. Idempotent."""
+def init_distributed(device: str, distributed) -> DistInfo:
+    """Detect the launcher, create the process group, pin the device. Idempotent.
+
+    ``device`` is the config's ``device`` (auto | cpu | cuda); ``distributed`` its
+    ``distributed`` section (backend, timeout)."""
     global _INFO
     if _INFO is not None:
         return _INFO
@@ -196,15 +237,15 @@ def init_distributed(cfg) -> DistInfo:
         raise UserError(f"launcher gave rank {env.rank} outside world size {env.world_size}")
     # Libraries initialised later (DeepSpeed asserts on LOCAL_RANK) read these.
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
-    device = _pick_device(cfg, env.local_rank)
+    device = _pick_device(device, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # DeepSpeed needs a process group even for one process; DDP does not.
-    need_group = env.world_size > 1 or cfg.distributed.backend == "deepspeed"
+    need_group = env.world_size > 1 or distributed.backend == "deepspeed"
     backend = None
     if need_group:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=cfg.distributed.timeout_s)
+        timeout = datetime.timedelta(seconds=distributed.timeout_s)
         if backend == "nccl":
             # The NCCL watchdog tears the process down when a collective times out,
             # instead of leaving it blocked on a stream forever.

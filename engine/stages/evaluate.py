@@ -12,27 +12,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.data.loaders import LoaderSpec, make_loader
 from engine.stages.views import eval_view
 
 
 class Evaluator:
     """Builds the two test loaders once per stage and scores a model on demand."""
 
-    def __init__(self, ctx, batch_size: int = 256):
-        self.ctx = ctx
-        cfg, dist = ctx.cfg, ctx.dist
-        n_test = int(ctx.meta["splits"]["test"]["count"])
-        common = dict(root=cfg.data.root, split="test", batch_size=batch_size, shuffle=False, drop_last=False,
-                      num_workers=cfg.data.num_workers, decode_size=cfg.data.decode_size or cfg.data.image_size,
-                      train=False, os_cache=cfg.data.os_cache)
-        self.clean = make_loader(LoaderSpec(indices=np.arange(n_test)[dist.rank::dist.world_size], **common))
+    def __init__(self, data, precision):
+        self.data = data  # engine.data.run_data.RunData
+        self.precision = precision
+        dist, poison = data.dist, data.poison
+        self.dist = dist
+        self.clean = data.test_loader(np.arange(data.meta.test_count)[dist.rank::dist.world_size], poisoned=False)
         self.poisoned = None
-        if ctx.poison is not None and ctx.poison.test_ops() is not None:
-            idx = np.asarray(ctx.poison.poisoned_test_indices)[dist.rank::dist.world_size]
+        if poison is not None and poison.test_ops() is not None:
+            idx = np.asarray(poison.poisoned_test_indices)[dist.rank::dist.world_size]
             if len(idx):
-                self.poisoned = make_loader(LoaderSpec(indices=idx, **common), poison=ctx.poison.test_ops())
-            self.target = int(ctx.poison.target)
+                self.poisoned = data.test_loader(idx, poisoned=True)
+            self.target = int(poison.target)
 
     @torch.no_grad()
     def __call__(self, module: torch.nn.Module) -> dict[str, float]:
@@ -50,7 +47,7 @@ class Evaluator:
                     counts[2] += (pred == self.target).sum()
                     counts[3] += (pred == labels).sum()
                     counts[4] += len(labels)
-            counts = _all_reduce(counts, self.ctx.dist)
+            counts = self.dist.all_reduce_sum(counts)
         finally:
             module.train(was_training)
         out = {"BA": 100.0 * float(counts[0] / max(counts[1], 1))}
@@ -60,29 +57,8 @@ class Evaluator:
         return out
 
     def _predict(self, module: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-        device = self.ctx.dist.device
-        x = eval_view(self.ctx.cfg, images.to(device, non_blocking=True))
-        with autocast(self.ctx.cfg, device):
+        device = self.dist.device
+        x = eval_view(self.data.config, images.to(device, non_blocking=True))
+        with self.precision.autocast(device):
             logits = module(x)
         return logits.argmax(dim=1).cpu()
-
-
-def autocast(cfg, device: torch.device):
-    if cfg.precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-    if device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.bfloat16  # CPU autocast has no fp16 kernels for convolutions
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _all_reduce(t: torch.Tensor, dist) -> torch.Tensor:
-    if dist.world_size > 1:
-        import torch.distributed as tdist
-
-        # gloo reduces CPU tensors; NCCL needs them on the device.
-        dev = dist.device if dist.backend == "nccl" else torch.device("cpu")
-        t = t.to(dev)
-        tdist.all_reduce(t)
-        t = t.cpu()
-    return t

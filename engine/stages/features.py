@@ -9,12 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.data.loaders import LoaderSpec, make_loader
 from engine.fsutil import atomic_path
-from engine.stages.evaluate import autocast
 from engine.stages.views import eval_view
 
-FEATURES = "features.npz"
 
 
 def feature_sample(poisoned: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -27,30 +24,26 @@ def feature_sample(poisoned: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def save_features(ctx, backbone: torch.nn.Module, n: int = 1000) -> None:
-    """Rank 0 only: write ``features.npz`` (features, true labels, poisoned flags)."""
-    if not ctx.dist.is_main:
+def save_features(data, precision, backbone: torch.nn.Module, path, n: int = 1000) -> None:
+    """Rank 0 only: write ``path`` (features.npz: features, true labels, poisoned flags)."""
+    if not data.dist.is_main:
         return
-    cfg = ctx.cfg
-    n_train = int(ctx.meta["splits"]["train"]["count"])
-    poisoned = np.zeros(n_train, dtype=bool) if ctx.poison is None else np.asarray(ctx.poison.plan.poisoned, bool)
-    idx = feature_sample(poisoned, min(n, n_train), cfg.seed)
-    loader = make_loader(LoaderSpec(root=cfg.data.root, split="train", batch_size=256, shuffle=False, drop_last=False,
-                                    num_workers=cfg.data.num_workers, indices=idx, train=False,
-                                    decode_size=cfg.data.decode_size or cfg.data.image_size),
-                         poison=ctx.poison.train_ops() if ctx.poison is not None else None)
+    poisoned = data.poisoned_mask()
+    idx = feature_sample(poisoned, min(n, data.meta.train_count), data.seed)
+    loader = data.feature_loader(idx)
+    device = data.dist.device
     was_training = backbone.training
     backbone.eval()
     feats, order = [], []
     for images, _, indices in loader:
-        x = eval_view(cfg, images.to(ctx.dist.device))
-        with autocast(cfg, ctx.dist.device):
+        x = eval_view(data.config, images.to(device))
+        with precision.autocast(device):
             feats.append(backbone(x).float().cpu())
         order.append(indices.clone())
     backbone.train(was_training)
     indices = torch.cat(order).numpy()
-    true = np.asarray(ctx.poison.plan.true_labels)[indices] if ctx.poison is not None else None
-    with atomic_path(ctx.stage_dir / FEATURES) as tmp:
+    true = np.asarray(data.poison.plan.true_labels)[indices] if data.poison is not None else None
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, features=torch.cat(feats).numpy(), indices=indices, poisoned=poisoned[indices],
                      true_labels=true if true is not None else np.full(len(indices), -1))

@@ -12,23 +12,52 @@ reference). Adam over the whole model, no schedule; an EMA of the weights is opt
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.data.loaders import set_indices
 from engine.errors import UserError
 from engine.losses.mixmatch import interleave, linear_rampup, mixmatch_loss, mixup, sharpen
 from engine.models import Classifier
 from engine.runtime.backends import build_backend
 from engine.runtime.batching import plan_batch
-from engine.runtime.checkpoint import Checkpointer, save_final_model
-from engine.stages.common import EpochEval, load_weights, train_loader
-from engine.stages.context import MODEL
-from engine.stages.loop import run_loop
-from engine.stages.split import compute_split, split_loader
+from engine.settings import WeakViewConfig, check
+from engine.stages.base import Stage
+from engine.stages.split import Split, compute_split, split_loader
 from engine.stages.views import WeakAugment
+from engine.stages.weights import load_weights
+
+
+@dataclass
+class FinetuneConfig:
+    """MixMatch on the split. The split fraction is ``epsilon``."""
+
+    epochs: int = 190
+    iterations_per_epoch: int = 1024
+    batch_size: int = 64  # labelled per step; the same number of unlabelled
+    lr: float = 0.002  # Adam over the whole model, no schedule
+    epsilon: float = 0.5
+    k_views: int = 2
+    temperature: float = 0.5  # sharpening
+    mixup_alpha: float = 0.75
+    lambda_u: float = 15.0
+    rampup_epochs: int = 190
+    # The ramp is indexed by the global epoch, linear-stage epochs included (reference).
+    ramp_includes_linear: bool = True
+    ema_decay: float = 0.0  # 0 = off (reference); 0.999 is MixMatch's default
+    sce_alpha: float = 0.1  # split loss
+    sce_beta: float = 1.0
+    view: WeakViewConfig = field(default_factory=WeakViewConfig)
+
+    def validate(self) -> None:
+        check(0.0 < self.epsilon < 1.0, "finetune.epsilon", f"must be in (0, 1), got {self.epsilon}")
+        check(self.k_views >= 1, "finetune.k_views", "must be >= 1")
+        check(self.epochs >= 1 and self.iterations_per_epoch >= 1, "finetune.epochs",
+              "epochs and iterations must be >= 1")
+        check(0.0 <= self.ema_decay < 1.0, "finetune.ema_decay", "must be in [0, 1)")
+        check(self.rampup_epochs >= 1, "finetune.rampup_epochs", "must be >= 1")
 
 
 class EMA:
@@ -49,67 +78,79 @@ class EMA:
                 e.copy_(m)
 
 
-def cycle(loader, base: int):
-    """Endless batches, restarting the loader with a new epoch seed when it runs out."""
-    k = 0
-    while True:
-        loader.next_epoch = base * 1000 + k
-        it = iter(loader)
-        try:
-            yield from it
-        finally:
-            if hasattr(it, "close"):
-                it.close()
-        k += 1
+def mixup_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    from kernels import mix_seed
+
+    return mix_seed(seed, epoch, step, rank) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def run(ctx) -> dict:
-    cfg, dist = ctx.cfg, ctx.dist
-    s = cfg.finetune
-    plan = plan_batch(s.batch_size, cfg, dist.world_size, "finetune.batch_size")
-    B = plan.per_rank
-    num_classes = ctx.num_classes
-    model = Classifier(cfg.model.arch, cfg.model.width, num_classes)
-    load_weights(model, ctx.upstream_model("linear"))
-    lr = plan.scale_lr(s.lr)
-    backend = build_backend(model, lambda p: torch.optim.Adam(p, lr=lr), cfg, dist, sync_bn=False,
-                            per_rank_batch=B)
-    augment = WeakAugment(cfg, s.view)
-    ema = EMA(backend.module, s.ema_decay) if s.ema_decay > 0 else None
-    poisoned = np.asarray(ctx.poison.plan.poisoned, dtype=bool)
-    linear_epochs = cfg.linear.epochs if s.ramp_includes_linear else 0
-    state: dict = {"split_epoch": -1, "labelled": None}
-    loaders: dict = {}
+class Finetune(Stage):
+    name = "finetune"
+    config_class = FinetuneConfig
+    label = "DBD"
+    defense = "dbd"
+    needs = ("linear",)
+    default_position = 3
 
-    def on_epoch_start(epoch: int) -> None:
-        if state["split_epoch"] != epoch:
-            if "split" not in loaders:
-                loaders["split"] = split_loader(ctx)
-            split = compute_split(ctx, backend.module, augment, epoch, s.epsilon, s.sce_alpha, s.sce_beta,
-                                  loader=loaders["split"])
-            state.update(split_epoch=epoch, labelled=torch.from_numpy(split.labelled))
-            quality = split.quality(poisoned)
-            if dist.is_main:
-                ctx.metrics.log("split", epoch=epoch, **quality)
-                print(f"[finetune] epoch {epoch}: labelled {quality['labelled']}, poisoned share of labelled "
+    def build(self) -> None:
+        c, env = self.config, self.env
+        plan = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "finetune.batch_size")
+        self.per_rank = plan.per_rank
+        self.global_batch = plan.global_batch
+        model = Classifier(env.model.arch, env.model.width, env.num_classes)
+        load_weights(model, env.upstream_model(self.needs[0]))
+        lr = plan.scale_lr(c.lr)
+        self.backend = build_backend(model, lambda p: torch.optim.Adam(p, lr=lr), env.distributed, env.precision,
+                                     env.dist, sync_bn=False, per_rank_batch=plan.per_rank)
+        self.augment = WeakAugment(env.data.config, c.view)
+        self.ema = EMA(self.backend.module, c.ema_decay) if c.ema_decay > 0 else None
+        self.poisoned = env.data.poisoned_mask()
+        # The reference's ramp counts the linear stage's epochs (those it actually ran).
+        self.ramp_offset = int(env.upstream_summary("linear")["epochs"]) if c.ramp_includes_linear else 0
+        self.split_epoch = -1
+        self.labelled: torch.Tensor | None = None
+        self.split_data = None  # the loss pass's loader, built at the first split
+        self.labelled_loader = self.unlabelled_loader = None
+        self.epochs = c.epochs
+        self.steps_per_epoch = c.iterations_per_epoch
+        self.images_per_step = plan.global_batch * 2
+
+    # ---- the split, at every epoch start
+    def on_epoch_start(self, epoch: int) -> None:
+        env, c = self.env, self.config
+        if self.split_epoch != epoch:
+            if self.split_data is None:
+                self.split_data = split_loader(env.data)
+            split = self.split(epoch)
+            self.split_epoch, self.labelled = epoch, torch.from_numpy(split.labelled)
+            quality = split.quality(self.poisoned)
+            if env.dist.is_main:
+                env.metrics.log("split", epoch=epoch, **quality)
+                print(f"[{self.name}] epoch {epoch}: labelled {quality['labelled']}, poisoned share of labelled "
                       f"{quality['labelled_poison_share']:.2f}%, detector recall {quality['recall']:.1f}%", flush=True)
-        labelled = state["labelled"].numpy()
-        unlabelled = np.setdiff1d(np.arange(len(poisoned)), labelled)
-        for name, part in (("labelled", labelled), ("unlabelled", unlabelled)):
-            if len(part) < B * dist.world_size:
-                raise UserError(f"finetune: the {name} part of the split has {len(part)} samples, fewer than one "
-                                f"global batch ({B * dist.world_size}); lower finetune.batch_size or change "
-                                f"finetune.epsilon ({s.epsilon})")
+        labelled = self.labelled.numpy()
+        unlabelled = np.setdiff1d(np.arange(len(self.poisoned)), labelled)
+        for part_name, part in (("labelled", labelled), ("unlabelled", unlabelled)):
+            if len(part) < self.global_batch:
+                raise UserError(f"{self.name}: the {part_name} part of the split has {len(part)} samples, fewer "
+                                f"than one global batch ({self.global_batch}); lower {self.name}.batch_size or "
+                                f"change {self.name}.epsilon ({c.epsilon})")
         # The loaders are built once; each epoch only swaps their subsets (a rebuild recompiles).
-        if "x" not in loaders:
-            loaders["x"] = train_loader(ctx, B, indices=labelled, seed_offset=101)
-            loaders["u"] = train_loader(ctx, B, indices=unlabelled, seed_offset=202)
+        if self.labelled_loader is None:
+            self.labelled_loader = env.data.train_loader(self.per_rank, indices=labelled, seed_offset=101)
+            self.unlabelled_loader = env.data.train_loader(self.per_rank, indices=unlabelled, seed_offset=202)
         else:
-            set_indices(loaders["x"], labelled)
-            set_indices(loaders["u"], unlabelled)
+            env.data.set_subset(self.labelled_loader, labelled)
+            env.data.set_subset(self.unlabelled_loader, unlabelled)
 
-    def batches(epoch: int):
-        xs, us = cycle(loaders["x"], epoch), cycle(loaders["u"], epoch)
+    def split(self, epoch: int) -> Split:
+        c = self.config
+        return compute_split(self.env.data, self.env.precision, self.backend.module, self.augment, epoch, c.epsilon,
+                             c.sce_alpha, c.sce_beta, loader=self.split_data)
+
+    def batches(self, epoch: int):
+        data = self.env.data
+        xs, us = data.endless(self.labelled_loader, epoch), data.endless(self.unlabelled_loader, epoch)
         try:
             while True:
                 yield next(xs), next(us)
@@ -117,58 +158,54 @@ def run(ctx) -> dict:
             xs.close()
             us.close()
 
-    def step(batch, epoch, i):
+    # ---- one MixMatch step
+    def prepare(self, batch, epoch: int, step: int):
+        """The labelled batch's view, K views of the unlabelled batch, the labels."""
         (x_img, x_lab, _), (u_img, _, _) = batch
-        dev = dist.device
+        env = self.env
+        dev = env.dist.device
         x_img, u_img = x_img.to(dev, non_blocking=True), u_img.to(dev, non_blocking=True)
-        kw = dict(seed=cfg.seed, epoch=epoch, step=i, rank=dist.rank)
-        xb = augment(x_img, salt=1, **kw)
-        ubs = [augment(u_img, salt=2 + k, **kw) for k in range(s.k_views)]
+        kw = dict(seed=env.seed, epoch=epoch, step=step, rank=env.dist.rank)
+        xb = self.augment(x_img, salt=1, **kw)
+        ubs = [self.augment(u_img, salt=2 + k, **kw) for k in range(self.config.k_views)]
+        return xb, ubs, x_lab.to(dev)
+
+    def update(self, inputs, epoch: int, step: int) -> dict:
+        xb, ubs, x_lab = inputs
+        c, env, backend = self.config, self.env, self.backend
+        B = self.per_rank
         with torch.no_grad():
             # Label guessing in train mode, as MixMatch and the DBD reference do.
             probs = [F.softmax(o.float(), dim=1) for o in backend.forward_each(ubs)]
-            guess = sharpen(sum(probs) / len(probs), s.temperature)
-        targets = torch.cat([F.one_hot(x_lab.to(dev), num_classes).float()] + [guess] * s.k_views)
+            guess = sharpen(sum(probs) / len(probs), c.temperature)
+        targets = torch.cat([F.one_hot(x_lab, env.num_classes).float()] + [guess] * c.k_views)
         inputs = torch.cat([xb] + ubs)
-        gen = torch.Generator().manual_seed(_mix_seed(cfg.seed, epoch, i, dist.rank))
-        mixed_x, mixed_y, _ = mixup(inputs, targets, s.mixup_alpha, generator=gen)
+        gen = torch.Generator().manual_seed(mixup_seed(env.seed, epoch, step, env.dist.rank))
+        mixed_x, mixed_y, _ = mixup(inputs, targets, c.mixup_alpha, generator=gen)
         chunks = interleave(list(torch.split(mixed_x, B)), B)
         logits = interleave(backend.forward_each(chunks), B)
         lx, lu = mixmatch_loss(logits[0], mixed_y[:B], torch.cat(logits[1:]), mixed_y[B:])
-        w = s.lambda_u * linear_rampup(linear_epochs + epoch + i / s.iterations_per_epoch, s.rampup_epochs)
+        w = c.lambda_u * linear_rampup(self.ramp_offset + epoch + step / c.iterations_per_epoch, c.rampup_epochs)
         loss = lx + w * lu
         backend.zero_grad()
         backend.backward(loss)
         backend.step()
-        if ema is not None:
-            ema.update(backend.module)
+        if self.ema is not None:
+            self.ema.update(backend.module)
         return {"loss": loss.detach(), "loss_x": lx.detach(), "loss_u": lu.detach(), "lambda_u": w}
 
-    def stage_state() -> dict:
-        out = {"split_epoch": state["split_epoch"], "labelled": state["labelled"]}
-        if ema is not None:
-            out["ema"] = ema.module.state_dict()
+    # ---- checkpoints and evaluation
+    def state_dict(self) -> dict:
+        out = {"split_epoch": self.split_epoch, "labelled": self.labelled}
+        if self.ema is not None:
+            out["ema"] = self.ema.module.state_dict()
         return out
 
-    def load_stage_state(saved: dict) -> None:
-        state.update(split_epoch=int(saved.get("split_epoch", -1)), labelled=saved.get("labelled"))
-        if ema is not None and "ema" in saved:
-            ema.module.load_state_dict(saved["ema"])
+    def load_state_dict(self, state: dict) -> None:
+        self.split_epoch = int(state.get("split_epoch", -1))
+        self.labelled = state.get("labelled")
+        if self.ema is not None and "ema" in state:
+            self.ema.module.load_state_dict(state["ema"])
 
-    eval_model = lambda: ema.module if ema is not None else backend.module  # noqa: E731
-    evaluate = EpochEval(ctx, eval_model, s.epochs)
-    result = run_loop(ctx, backend, Checkpointer(ctx.stage_dir, backend, dist), epochs=s.epochs,
-                      steps_per_epoch=s.iterations_per_epoch, batches=batches, train_step=step,
-                      images_per_step=plan.global_batch * 2, on_epoch_start=on_epoch_start, on_epoch_end=evaluate,
-                      stage_state=stage_state, load_stage_state=load_stage_state)
-    final = evaluate.last or evaluate.evaluator(eval_model())
-    if dist.is_main:
-        save_final_model(ctx.stage_dir / MODEL, eval_model())
-    return {**final, "epochs": result.epochs, "final_loss": result.last.get("loss"),
-            "images_per_second": round(result.images_per_second, 1)}
-
-
-def _mix_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    from kernels import mix_seed
-
-    return mix_seed(seed, epoch, step, rank) & 0x7FFF_FFFF_FFFF_FFFF
+    def eval_module(self):
+        return self.ema.module if self.ema is not None else self.backend.module

@@ -7,6 +7,8 @@ running statistics still move (``linear.backbone_bn: train``, the default);
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -14,11 +16,28 @@ from engine.losses.sce import symmetric_cross_entropy
 from engine.models import Classifier
 from engine.runtime.backends import build_backend
 from engine.runtime.batching import plan_batch, steps_per_epoch
-from engine.runtime.checkpoint import Checkpointer, save_final_model
-from engine.stages.common import EpochEval, epoch_batches, load_weights, num_train, train_loader
-from engine.stages.context import MODEL
-from engine.stages.loop import run_loop
+from engine.settings import WeakViewConfig, check
+from engine.stages.classifier import ClassifierStage
 from engine.stages.views import WeakAugment
+from engine.stages.weights import load_weights
+
+
+@dataclass
+class LinearConfig:
+    epochs: int = 10
+    iterations_per_epoch: int = 0
+    batch_size: int = 128
+    lr: float = 0.002  # Adam
+    sce_alpha: float = 0.1
+    sce_beta: float = 1.0
+    # "train": the reference leaves the model in train mode, so backbone BatchNorm
+    # running statistics keep moving; "frozen": a truly frozen backbone (eval mode).
+    backbone_bn: str = "train"
+    view: WeakViewConfig = field(default_factory=WeakViewConfig)
+
+    def validate(self) -> None:
+        check(self.epochs >= 1, "linear.epochs", "must be >= 1")
+        check(self.backbone_bn in ("train", "frozen"), "linear.backbone_bn", "must be train or frozen")
 
 
 class LinearProbe(nn.Module):
@@ -44,38 +63,29 @@ class LinearProbe(nn.Module):
         return self.classifier(features.float())
 
 
-def run(ctx) -> dict:
-    cfg, dist = ctx.cfg, ctx.dist
-    s = cfg.linear
-    plan = plan_batch(s.batch_size, cfg, dist.world_size, "linear.batch_size")
-    torch.manual_seed(cfg.seed)  # the head's initial weights, identical on every rank
-    classifier = Classifier(cfg.model.arch, cfg.model.width, ctx.num_classes)
-    load_weights(classifier, ctx.upstream_model("pretrain"), prefix="backbone.")
-    model = LinearProbe(classifier, s.backbone_bn)
-    lr = plan.scale_lr(s.lr)
-    backend = build_backend(model, lambda p: torch.optim.Adam([q for q in p if q.requires_grad], lr=lr),
-                            cfg, dist, sync_bn=False, per_rank_batch=plan.per_rank)
-    loader = train_loader(ctx, plan.per_rank)
-    augment = WeakAugment(cfg, s.view)
+class Linear(ClassifierStage):
+    name = "linear"
+    config_class = LinearConfig
+    label = "DBD, linear stage"
+    defense = "dbd"
+    needs = ("pretrain",)
+    default_position = 2
 
-    def step(batch, epoch, i):
-        images, labels, _ = batch
-        x = augment(images.to(dist.device, non_blocking=True), seed=cfg.seed, epoch=epoch, step=i, rank=dist.rank)
-        y = labels.to(dist.device, non_blocking=True)
-        logits = backend.forward(x)
-        loss = symmetric_cross_entropy(logits.float(), y, s.sce_alpha, s.sce_beta)
-        backend.zero_grad()
-        backend.backward(loss)
-        backend.step()
-        return {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
+    def build(self) -> None:
+        c, env = self.config, self.env
+        plan = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "linear.batch_size")
+        classifier = Classifier(env.model.arch, env.model.width, env.num_classes)
+        load_weights(classifier, env.upstream_model("pretrain"), prefix="backbone.")
+        model = LinearProbe(classifier, c.backbone_bn)
+        lr = plan.scale_lr(c.lr)
+        self.backend = build_backend(model, lambda p: torch.optim.Adam([q for q in p if q.requires_grad], lr=lr),
+                                     env.distributed, env.precision, env.dist, sync_bn=False,
+                                     per_rank_batch=plan.per_rank)
+        self.loader = env.data.train_loader(plan.per_rank)
+        self.augment = WeakAugment(env.data.config, c.view)
+        self.epochs = c.epochs
+        self.steps_per_epoch = steps_per_epoch(env.data.meta.train_count, plan, c.iterations_per_epoch)
+        self.images_per_step = plan.global_batch
 
-    evaluate = EpochEval(ctx, lambda: backend.module, s.epochs)
-    result = run_loop(ctx, backend, Checkpointer(ctx.stage_dir, backend, dist), epochs=s.epochs,
-                      steps_per_epoch=steps_per_epoch(num_train(ctx), plan, s.iterations_per_epoch),
-                      batches=lambda e: epoch_batches(loader, e), train_step=step,
-                      images_per_step=plan.global_batch, on_epoch_end=evaluate)
-    final = evaluate.last or evaluate.evaluator(backend.module)
-    if dist.is_main:
-        save_final_model(ctx.stage_dir / MODEL, backend.module)
-    return {**final, "epochs": result.epochs, "final_loss": result.last.get("loss"),
-            "images_per_second": round(result.images_per_second, 1)}
+    def loss(self, logits, labels):
+        return symmetric_cross_entropy(logits, labels, self.config.sce_alpha, self.config.sce_beta)

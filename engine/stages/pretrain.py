@@ -15,21 +15,45 @@ same trajectory as a run on 1 with the same global batch.
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from engine.data.loaders import LoaderSpec, make_loader
 from engine.errors import UserError
 from engine.losses.ntxent import nt_xent
-from engine.runtime import launch
 from engine.runtime.backends import build_backend
 from engine.runtime.batching import plan_batch
-from engine.runtime.checkpoint import Checkpointer, save_final_model
-from engine.stages.context import MODEL
-from engine.stages.features import save_features
-from engine.stages.loop import run_loop
+from engine.settings import SimCLRViewConfig, check
+from engine.stages.base import Stage
 from engine.stages.views import simclr_spec
+
+
+@dataclass
+class PretrainConfig:
+    """SimCLR. ``epochs`` is how far to train (the checkpoint used downstream);
+    ``schedule_epochs`` is the cosine schedule's length (reference: 100 of 1000)."""
+
+    epochs: int = 100
+    schedule_epochs: int = 1000
+    iterations_per_epoch: int = 0  # 0 = one pass over the training set
+    batch_size: int = 512
+    optimizer: str = "sgd"  # sgd | lars
+    lr: float = 0.4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    temperature: float = 0.5
+    loss: str = "reference"  # reference (one-directional) | symmetric (NT-Xent)
+    sync_bn: bool = True
+    views: SimCLRViewConfig = field(default_factory=SimCLRViewConfig)
+
+    def validate(self) -> None:
+        check(self.epochs >= 1, "pretrain.epochs", "must be >= 1")
+        check(self.schedule_epochs >= self.epochs, "pretrain.schedule_epochs", "must be >= pretrain.epochs")
+        check(self.optimizer in ("sgd", "lars"), "pretrain.optimizer", "must be sgd or lars")
+        check(self.loss in ("reference", "symmetric"), "pretrain.loss", "must be reference or symmetric")
+        check(self.temperature > 0, "pretrain.temperature", "must be > 0")
+        check(self.batch_size >= 2, "pretrain.batch_size", "must be >= 2")
+        self.views.validate("pretrain.views")
 
 
 def cosine_lr(base: float, epoch: int, t_max: int) -> float:
@@ -37,89 +61,89 @@ def cosine_lr(base: float, epoch: int, t_max: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * epoch / t_max))
 
 
-def make_optimizer_factory(cfg, lr: float):
-    p = cfg.pretrain
-    if p.optimizer == "lars":
+def make_optimizer_factory(config: PretrainConfig, lr: float):
+    if config.optimizer == "lars":
         from engine.runtime.lars import LARS
 
-        return lambda params: LARS(params, lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
-    return lambda params: torch.optim.SGD(params, lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
+        return lambda params: LARS(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def _rows(params, sel: slice):
     return type(params)(**{f.name: getattr(params, f.name)[sel] for f in fields(params)})
 
 
-def run(ctx) -> dict:
-    from kernels import make_generator, sample_simclr_params, simclr_views
+class Pretrain(Stage):
+    name = "pretrain"
+    config_class = PretrainConfig
+    label = "DBD, SimCLR"
+    defense = "dbd"
+    evaluates = False
+    default_position = 1
 
-    from engine.models import SimCLRModel
+    @classmethod
+    def per_layer_optimizer(cls, config: PretrainConfig) -> bool:
+        return config.optimizer == "lars"
 
-    cfg, dist = ctx.cfg, ctx.dist
-    p = cfg.pretrain
-    plan = plan_batch(p.batch_size, cfg, dist.world_size, "pretrain.batch_size")
-    base_lr = plan.scale_lr(p.lr)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every launcher
-    model = SimCLRModel(cfg.model.arch, cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim)
-    backend = build_backend(model, make_optimizer_factory(cfg, base_lr), cfg, dist,
-                            sync_bn=p.sync_bn, per_rank_batch=plan.per_rank)
+    def build(self) -> None:
+        from engine.models import SimCLRModel
 
-    loader = make_loader(LoaderSpec(root=cfg.data.root, split="train", batch_size=plan.per_rank, shuffle=True,
-                                    drop_last=True, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
-                                    num_workers=cfg.data.num_workers,
-                                    decode_size=cfg.data.decode_size or cfg.data.image_size,
-                                    os_cache=cfg.data.os_cache),
-                         poison=ctx.poison.train_ops() if ctx.poison is not None else None)
-    # Every rank must take the same number of steps; the padded shard could allow one more.
-    n_samples = len(loader.indices)
-    steps = min(len(loader), n_samples // plan.global_batch)
-    if p.iterations_per_epoch > 0:
-        steps = min(steps, p.iterations_per_epoch)
-    if steps < 1:
-        raise UserError(f"pretrain: {n_samples} training images make no full global batch of {plan.global_batch}")
+        c, env = self.config, self.env
+        plan = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "pretrain.batch_size")
+        self.plan = plan
+        self.base_lr = plan.scale_lr(c.lr)
+        model = SimCLRModel(env.model.arch, env.model.width, env.model.proj_hidden, env.model.proj_dim)
+        self.backend = build_backend(model, make_optimizer_factory(c, self.base_lr), env.distributed, env.precision,
+                                     env.dist, sync_bn=c.sync_bn, per_rank_batch=plan.per_rank)
+        self.loader = env.data.train_loader(plan.per_rank)
+        # Every rank must take the same number of steps; the padded shard could allow one more.
+        n_samples = len(self.loader.indices)
+        steps = min(len(self.loader), n_samples // plan.global_batch)
+        if c.iterations_per_epoch > 0:
+            steps = min(steps, c.iterations_per_epoch)
+        if steps < 1:
+            raise UserError(f"pretrain: {n_samples} training images make no full global batch of {plan.global_batch}")
+        self.spec = simclr_spec(env.data.config, c.views)
+        self.epochs = c.epochs
+        self.steps_per_epoch = steps
+        self.images_per_step = plan.global_batch
 
-    spec = simclr_spec(cfg, p.views)
-    device = dist.device
-    world, rank = dist.world_size, dist.rank
-    channels_last = cfg.distributed.channels_last
+    def batches(self, epoch: int):
+        return self.env.data.epoch(self.loader, epoch)
 
-    def batches(epoch: int):
-        loader.next_epoch = epoch
-        it = iter(loader)
-        try:
-            yield from it
-        finally:
-            it.close()
+    def on_epoch_start(self, epoch: int) -> None:
+        self.backend.set_lr(cosine_lr(self.base_lr, epoch, self.config.schedule_epochs))
 
-    def train_step(batch, epoch: int, step: int) -> dict:
-        images = batch[0].to(device, non_blocking=True)
+    def views(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        """The step's two SimCLR views of this rank's uint8 images, as one 2B batch."""
+        from kernels import make_generator, sample_simclr_params, simclr_views
+
+        dist = self.env.dist
+        world, rank = dist.world_size, dist.rank
         b, h, w = images.shape[0], images.shape[1], images.shape[2]
-        gen = make_generator(cfg.seed, epoch, step, 0, device)
-        params = [_rows(sample_simclr_params(b * world, h, w, spec, gen), slice(rank, None, world))
+        gen = make_generator(self.env.seed, epoch, step, 0, images.device)
+        params = [_rows(sample_simclr_params(b * world, h, w, self.spec, gen), slice(rank, None, world))
                   for _ in range(2)]
-        views, _ = simclr_views(images, spec, params=params, dtype=torch.float32)
+        views, _ = simclr_views(images, self.spec, params=params, dtype=torch.float32)
         x = torch.cat(views)
-        if channels_last:
+        if self.env.distributed.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        backend.zero_grad()
-        z = backend.forward(x)
-        loss = nt_xent(z[:b], z[b:], p.temperature, p.loss)
-        backend.backward(loss)
-        backend.step()
+        return x
+
+    def prepare(self, batch, epoch: int, step: int) -> torch.Tensor:
+        return self.views(batch[0].to(self.env.dist.device, non_blocking=True), epoch, step)
+
+    def update(self, x: torch.Tensor, epoch: int, step: int) -> dict:
+        b = x.shape[0] // 2
+        self.backend.zero_grad()
+        z = self.backend.forward(x)
+        loss = nt_xent(z[:b], z[b:], self.config.temperature, self.config.loss)
+        self.backend.backward(loss)
+        self.backend.step()
         return {"loss": loss.detach()}
 
-    def on_epoch_start(epoch: int) -> None:
-        backend.set_lr(cosine_lr(base_lr, epoch, p.schedule_epochs))
+    def feature_backbone(self):
+        return self.backend.module.backbone
 
-    result = run_loop(ctx, backend, Checkpointer(ctx.stage_dir, backend, dist), epochs=p.epochs,
-                      steps_per_epoch=steps, batches=batches, train_step=train_step,
-                      images_per_step=plan.global_batch, on_epoch_start=on_epoch_start, desc="pretrain")
-    if dist.is_main:
-        save_final_model(ctx.stage_dir / MODEL, backend.module)
-    # The report's feature-space picture: where the SimCLR backbone puts poisoned samples.
-    save_features(ctx, backend.module.backbone)
-    launch.barrier()
-    ips = result.images_per_second or (sum(r["images_per_second"] for r in result.history) / len(result.history))
-    return {"final_loss": result.last.get("loss"), "epochs": result.epochs, "images_per_second": round(ips, 2),
-            "global_batch": plan.global_batch, "per_rank_batch": plan.per_rank, "steps_per_epoch": steps,
-            "backend": backend.name, "precision": cfg.precision}
+    def summary(self) -> dict:
+        return {"global_batch": self.plan.global_batch, "per_rank_batch": self.plan.per_rank}

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.data.loaders import LoaderSpec, make_loader
+from engine.data.run_data import EVAL_BATCH
 from engine.losses.sce import symmetric_cross_entropy
-from engine.stages.evaluate import autocast
 
-SPLIT_BATCH = 256
+SPLIT_BATCH = EVAL_BATCH
 SPLIT_SALT = 7919  # keeps split views apart from the training views of the same step
 
 
@@ -57,58 +56,47 @@ def rank_batches(n: int, rank: int, world_size: int, batch: int = SPLIT_BATCH) -
     return idx, ks
 
 
-def split_loader(ctx):
+def split_loader(data):
     """This rank's loader for the loss pass (None if it scores nothing). Its subset is
     the same every epoch, so the fine-tuning stage builds it once and reuses it."""
-    cfg, dist = ctx.cfg, ctx.dist
-    idx, _ = rank_batches(len(ctx.poison.plan.labels), dist.rank, dist.world_size)
+    idx, _ = rank_batches(len(data.train_labels()), data.dist.rank, data.dist.world_size)
     if not len(idx):
         return None
-    return make_loader(LoaderSpec(root=cfg.data.root, split="train", batch_size=SPLIT_BATCH, shuffle=False,
-                                  drop_last=False, num_workers=cfg.data.num_workers, indices=idx,
-                                  decode_size=cfg.data.decode_size or cfg.data.image_size, train=True),
-                       poison=ctx.poison.train_ops() if ctx.poison is not None else None)
+    return data.scoring_loader(idx)
 
 
 @torch.no_grad()
-def per_sample_losses(ctx, module: torch.nn.Module, augment, epoch: int, labels: np.ndarray,
+def per_sample_losses(data, precision, module: torch.nn.Module, augment, epoch: int, labels: np.ndarray,
                       alpha: float, beta: float, loader=None) -> np.ndarray:
-    cfg, dist = ctx.cfg, ctx.dist
+    dist = data.dist
     n = len(labels)
     idx, ks = rank_batches(n, dist.rank, dist.world_size)
     local = torch.full((n,), float("nan"), dtype=torch.float64)
     if len(idx):
-        loader = loader if loader is not None else split_loader(ctx)
+        loader = loader if loader is not None else split_loader(data)
         was_training = module.training
         module.eval()
         for (images, y, indices), k in zip(loader, ks):
-            x = augment(images.to(dist.device, non_blocking=True), seed=cfg.seed, epoch=epoch, step=k, rank=0,
+            x = augment(images.to(dist.device, non_blocking=True), seed=data.seed, epoch=epoch, step=k, rank=0,
                         salt=SPLIT_SALT)
-            with autocast(cfg, dist.device):
+            with precision.autocast(dist.device):
                 logits = module(x)
             loss = symmetric_cross_entropy(logits.float(), y.to(dist.device), alpha, beta, reduction="none")
             local[indices] = loss.double().cpu()
         module.train(was_training)
     if dist.world_size > 1:
-        import torch.distributed as tdist
-
         # Each sample is scored by exactly one rank; NaN elsewhere. Summing after
         # zeroing the NaNs assembles the full vector on every rank.
-        mask = (~torch.isnan(local)).double()
-        vals = torch.nan_to_num(local, nan=0.0)
-        dev = dist.device if dist.backend == "nccl" else torch.device("cpu")
-        vals, mask = vals.to(dev), mask.to(dev)
-        tdist.all_reduce(vals)
-        tdist.all_reduce(mask)
+        mask = dist.all_reduce_sum((~torch.isnan(local)).double())
+        local = dist.all_reduce_sum(torch.nan_to_num(local, nan=0.0))
         if not torch.all(mask == 1):
             raise RuntimeError("split: some training samples were scored by no rank or by two")
-        local = vals.cpu()
     return local.numpy()
 
 
-def compute_split(ctx, module, augment, epoch: int, epsilon: float, alpha: float, beta: float,
+def compute_split(data, precision, module, augment, epoch: int, epsilon: float, alpha: float, beta: float,
                   loader=None) -> Split:
-    labels = np.asarray(ctx.poison.plan.labels)
-    losses = per_sample_losses(ctx, module, augment, epoch, labels, alpha, beta, loader=loader)
+    labels = data.train_labels()
+    losses = per_sample_losses(data, precision, module, augment, epoch, labels, alpha, beta, loader=loader)
     labelled, unlabelled = select_lowest(losses, epsilon)
     return Split(labelled=labelled, unlabelled=unlabelled, losses=losses)

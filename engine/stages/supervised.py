@@ -5,58 +5,67 @@ epochs 100 and 150 of 200, cross-entropy, RandomCrop(32, 4) + flip.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
 from engine.models import Classifier
 from engine.runtime.backends import build_backend
 from engine.runtime.batching import plan_batch, steps_per_epoch
-from engine.runtime.checkpoint import Checkpointer, save_final_model
-from engine.stages.common import EpochEval, epoch_batches, num_train, train_loader
-from engine.stages.context import MODEL
-from engine.stages.features import save_features
-from engine.stages.loop import run_loop
+from engine.settings import WeakViewConfig, check
+from engine.stages.classifier import ClassifierStage
 from engine.stages.views import WeakAugment
+
+
+@dataclass
+class SupervisedConfig:
+    """The no-defense baseline."""
+
+    epochs: int = 200
+    iterations_per_epoch: int = 0
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = (100, 150)
+    gamma: float = 0.1
+    view: WeakViewConfig = field(default_factory=WeakViewConfig)
+
+    def validate(self) -> None:
+        check(self.epochs >= 1, "supervised.epochs", "must be >= 1")
 
 
 def lr_at(epoch: int, base: float, milestones, gamma: float) -> float:
     return base * gamma ** sum(epoch >= m for m in milestones)
 
 
-def run(ctx) -> dict:
-    cfg, dist = ctx.cfg, ctx.dist
-    s = cfg.supervised
-    plan = plan_batch(s.batch_size, cfg, dist.world_size, "supervised.batch_size")
-    base_lr = plan.scale_lr(s.lr)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every launcher
-    model = Classifier(cfg.model.arch, cfg.model.width, ctx.num_classes)
-    backend = build_backend(
-        model, lambda p: torch.optim.SGD(p, lr=base_lr, momentum=s.momentum, weight_decay=s.weight_decay),
-        cfg, dist, sync_bn=False, per_rank_batch=plan.per_rank)
-    loader = train_loader(ctx, plan.per_rank)
-    augment = WeakAugment(cfg, s.view)
-    steps = steps_per_epoch(num_train(ctx), plan, s.iterations_per_epoch)
+class Supervised(ClassifierStage):
+    name = "supervised"
+    config_class = SupervisedConfig
+    label = "no defense"
+    defense = "none"
+    default_position = 0
 
-    def step(batch, epoch, i):
-        images, labels, _ = batch
-        x = augment(images.to(dist.device, non_blocking=True), seed=cfg.seed, epoch=epoch, step=i, rank=dist.rank)
-        y = labels.to(dist.device, non_blocking=True)
-        logits = backend.forward(x)
-        loss = F.cross_entropy(logits.float(), y)
-        backend.zero_grad()
-        backend.backward(loss)
-        backend.step()
-        return {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
+    def build(self) -> None:
+        c, env = self.config, self.env
+        plan = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "supervised.batch_size")
+        self.base_lr = plan.scale_lr(c.lr)
+        model = Classifier(env.model.arch, env.model.width, env.num_classes)
+        self.backend = build_backend(
+            model, lambda p: torch.optim.SGD(p, lr=self.base_lr, momentum=c.momentum, weight_decay=c.weight_decay),
+            env.distributed, env.precision, env.dist, sync_bn=False, per_rank_batch=plan.per_rank)
+        self.loader = env.data.train_loader(plan.per_rank)
+        self.augment = WeakAugment(env.data.config, c.view)
+        self.epochs = c.epochs
+        self.steps_per_epoch = steps_per_epoch(env.data.meta.train_count, plan, c.iterations_per_epoch)
+        self.images_per_step = plan.global_batch
 
-    evaluate = EpochEval(ctx, lambda: backend.module, s.epochs)
-    result = run_loop(ctx, backend, Checkpointer(ctx.stage_dir, backend, dist), epochs=s.epochs,
-                      steps_per_epoch=steps, batches=lambda e: epoch_batches(loader, e), train_step=step,
-                      images_per_step=plan.global_batch,
-                      on_epoch_start=lambda e: backend.set_lr(lr_at(e, base_lr, s.milestones, s.gamma)),
-                      on_epoch_end=evaluate)
-    final = evaluate.last or evaluate.evaluator(backend.module)
-    if dist.is_main:
-        save_final_model(ctx.stage_dir / MODEL, backend.module)
-    save_features(ctx, backend.module.backbone)
-    return {**final, "epochs": result.epochs, "final_loss": result.last.get("loss"),
-            "images_per_second": round(result.images_per_second, 1)}
+    def loss(self, logits, labels):
+        return F.cross_entropy(logits, labels)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.backend.set_lr(lr_at(epoch, self.base_lr, self.config.milestones, self.config.gamma))
+
+    def feature_backbone(self):
+        return self.backend.module.backbone

@@ -1,52 +1,47 @@
-"""Config -> ``kernels`` view specs, so every stage builds its views the same way."""
+"""Config -> ``kernels`` view specs, so every stage builds its views the same way.
+
+Each function takes the ``data`` config section (size, flips, normalisation) and the
+stage's own view section."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from engine.config import Config, SimCLRViewConfig, WeakViewConfig
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from engine.settings import DataConfig, SimCLRViewConfig, WeakViewConfig
 
 
-def input_dtype(cfg: Config) -> torch.dtype:
-    # Views stay fp32 under autocast (it casts inside the conv); DeepSpeed's native
-    # bf16/fp16 modes want inputs in the weights' dtype and set this differently.
-    return torch.float32
-
-
-def simclr_spec(cfg: Config, views: SimCLRViewConfig):
+def simclr_spec(data: DataConfig, views: SimCLRViewConfig):
     from kernels import SimCLRSpec
 
     return SimCLRSpec(
-        size=cfg.data.image_size, scale=tuple(views.scale), ratio=tuple(views.ratio),
+        size=data.image_size, scale=tuple(views.scale), ratio=tuple(views.ratio),
         interpolation=views.interpolation,
-        flip_p=views.flip_p if cfg.data.horizontal_flip else 0.0,
+        flip_p=views.flip_p if data.horizontal_flip else 0.0,
         brightness=views.brightness, contrast=views.contrast, saturation=views.saturation, hue=views.hue,
         jitter_p=views.jitter_p, grayscale_p=views.grayscale_p, blur_p=views.blur_p,
         blur_sigma=tuple(views.blur_sigma), blur_kernel_size=views.blur_kernel_size,
-        mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
+        mean=tuple(data.mean), std=tuple(data.std))
 
 
 @dataclass
 class WeakAugment:
     """The stage-2/3 and baseline view: pad-crop + flip (CIFAR) or resized crop + flip."""
 
-    cfg: Config
+    data: DataConfig
     view: WeakViewConfig
 
     def __post_init__(self) -> None:
         from kernels import SimCLRSpec, WeakSpec
 
-        flip = self.view.flip_p if self.cfg.data.horizontal_flip else 0.0
-        mean, std = tuple(self.cfg.data.mean), tuple(self.cfg.data.std)
+        flip = self.view.flip_p if self.data.horizontal_flip else 0.0
+        mean, std = tuple(self.data.mean), tuple(self.data.std)
         if self.view.kind == "pad_crop":
-            self.spec = WeakSpec(size=self.cfg.data.image_size, padding=self.view.padding, padding_mode="reflect",
+            self.spec = WeakSpec(size=self.data.image_size, padding=self.view.padding, padding_mode="reflect",
                                  flip_p=flip, mean=mean, std=std)
         else:
             # RandomResizedCrop + flip is the SimCLR view with every colour op off.
-            self.spec = SimCLRSpec(size=self.cfg.data.image_size, scale=tuple(self.view.scale), flip_p=flip,
+            self.spec = SimCLRSpec(size=self.data.image_size, scale=tuple(self.view.scale), flip_p=flip,
                                    jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, interpolation="bilinear",
                                    mean=mean, std=std)
 
@@ -63,7 +58,7 @@ class WeakAugment:
         return views[0]
 
 
-def eval_view(cfg: Config, images: torch.Tensor) -> torch.Tensor:
+def eval_view(data: DataConfig, images: torch.Tensor) -> torch.Tensor:
     from kernels import normalize
 
-    return normalize(images, tuple(cfg.data.mean), tuple(cfg.data.std))
+    return normalize(images, tuple(data.mean), tuple(data.std))

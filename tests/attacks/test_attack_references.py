@@ -14,7 +14,7 @@ from engine.attacks.label_consistent import LabelConsistent
 from engine.attacks.ops import compiled_kernel
 from engine.attacks.sig import SIG
 from engine.attacks.wanet import WaNet, warp_field
-from engine.config import BadNetsConfig, WaNetConfig
+from engine.settings import BadNetsConfig, WaNetConfig
 from engine.errors import UserError
 
 RNG = np.random.default_rng(0)

@@ -7,7 +7,8 @@ import pytest
 
 from engine.config import load_config
 from engine.errors import UserError
-from engine.runtime.backends import preflight, resolve_ds_config
+from engine.pipeline import preflight
+from engine.runtime.backends import resolve_ds_config
 from tests.runtime.helpers import dbd_cmd, free_port, run, run_dir, torchrun_cmd, write_config
 
 
@@ -76,7 +77,7 @@ def test_deepspeed_config_contradictions(tmp_path, change, message):
     cfg = _cfg(precision=precision, **{"distributed.backend": "deepspeed", "distributed.deepspeed_config": str(path),
                                        "pretrain.batch_size": 32})
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
-        resolve_ds_config(cfg, per_rank_batch=16, world_size=2, per_layer_optimizer=False)
+        resolve_ds_config(cfg.distributed, cfg.precision, per_rank_batch=16, world_size=2, per_layer_optimizer=False)
 
 
 def test_deepspeed_config_is_completed_explicitly(tmp_path):
@@ -84,7 +85,7 @@ def test_deepspeed_config_is_completed_explicitly(tmp_path):
     path.write_text(json.dumps({"zero_optimization": {"stage": 1},
                                 "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}))
     cfg = _cfg(precision="bf16", **{"distributed.backend": "deepspeed", "distributed.deepspeed_config": str(path)})
-    ds = resolve_ds_config(cfg, per_rank_batch=16, world_size=2, per_layer_optimizer=False)
+    ds = resolve_ds_config(cfg.distributed, cfg.precision, per_rank_batch=16, world_size=2, per_layer_optimizer=False)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 1
     assert ds["gradient_clipping"] == 0.0  # never DeepSpeed's silent 1.0 default
@@ -116,5 +117,5 @@ def test_shipped_deepspeed_configs_are_consistent(name):
     precision = name.split("_")[1]
     cfg = _cfg(precision=precision, **{"distributed.backend": "deepspeed",
                                        "distributed.deepspeed_config": f"configs/deepspeed/{name}.json"})
-    ds = resolve_ds_config(cfg, per_rank_batch=8, world_size=2, per_layer_optimizer=False)
+    ds = resolve_ds_config(cfg.distributed, cfg.precision, per_rank_batch=8, world_size=2, per_layer_optimizer=False)
     assert ds["gradient_clipping"] == 0.0

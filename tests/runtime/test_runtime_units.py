@@ -13,10 +13,11 @@ from engine.errors import UserError
 from engine.runtime import launch
 from engine.runtime.backends import build_backend
 from engine.runtime.batching import plan_batch
+from engine.runtime.precision import Precision
 from engine.runtime.checkpoint import Checkpointer, save_final_model
 from engine.runtime.lars import LARS
 from engine.runtime.syncbn import GlooSyncBatchNorm, convert_sync_batchnorm
-from engine.stages.loop import _parse_fault
+from engine.stages.faults import parse_fault
 
 _VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "TORCHELASTIC_RUN_ID",
          "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_LOCALID",
@@ -58,9 +59,9 @@ def test_slurm_variables(clean_env):
 
 def test_single_process_init_is_idempotent(clean_env):
     cfg = load_config(None, ["device=cpu"])
-    a = launch.init_distributed(cfg)
+    a = launch.init_distributed(cfg.device, cfg.distributed)
     try:
-        assert launch.init_distributed(cfg) is a
+        assert launch.init_distributed(cfg.device, cfg.distributed) is a
         assert (a.rank, a.world_size, a.launcher, a.backend, a.is_main) == (0, 1, "single", None, True)
         launch.barrier()  # no process group: a no-op
     finally:
@@ -70,15 +71,15 @@ def test_single_process_init_is_idempotent(clean_env):
 
 def test_batch_plans():
     cfg = load_config(None, [])
-    p = plan_batch(512, cfg, 4, "pretrain.batch_size")
+    p = plan_batch(512, cfg.distributed, 4, "pretrain.batch_size")
     assert (p.per_rank, p.global_batch, p.lr_factor) == (128, 512, 1.0)
     with pytest.raises(UserError, match="must divide evenly over 3 processes"):
-        plan_batch(512, cfg, 3, "pretrain.batch_size")
+        plan_batch(512, cfg.distributed, 3, "pretrain.batch_size")
     cfg = load_config(None, ["distributed.batch_semantics=per_rank", "distributed.lr_scaling=linear"])
-    p = plan_batch(64, cfg, 4, "linear.batch_size")
+    p = plan_batch(64, cfg.distributed, 4, "linear.batch_size")
     assert (p.per_rank, p.global_batch, p.lr_factor) == (64, 256, 4.0)
     cfg = load_config(None, ["distributed.batch_semantics=per_rank", "distributed.lr_scaling=sqrt"])
-    assert plan_batch(64, cfg, 4, "x").scale_lr(0.1) == pytest.approx(0.2)
+    assert plan_batch(64, cfg.distributed, 4, "x").scale_lr(0.1) == pytest.approx(0.2)
 
 
 def _tiny_model() -> nn.Module:
@@ -111,11 +112,11 @@ def test_checkpoint_roundtrip_restores_everything(tmp_path, clean_env, backend, 
             clean_env.setenv(k, env()[k])
         over.append(f"distributed.deepspeed_config=configs/deepspeed/{ds_config}.json")
     cfg = load_config(None, over)
-    dist = launch.init_distributed(cfg)
+    dist = launch.init_distributed(cfg.device, cfg.distributed)
     try:
         make = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
         torch.manual_seed(0)
-        a = build_backend(_tiny_model(), make, cfg, dist, sync_bn=True, per_rank_batch=8)
+        a = build_backend(_tiny_model(), make, cfg.distributed, Precision(cfg.precision), dist, sync_bn=True, per_rank_batch=8)
         _train(a, 3)
         ck = Checkpointer(tmp_path, a, dist)
         torch.manual_seed(123)
@@ -131,7 +132,7 @@ def test_checkpoint_roundtrip_restores_everything(tmp_path, clean_env, backend, 
         after_a = {k: v.clone() for k, v in a.module.state_dict().items()}
 
         torch.manual_seed(99)
-        b = build_backend(_tiny_model(), make, cfg, dist, sync_bn=True, per_rank_batch=8)
+        b = build_backend(_tiny_model(), make, cfg.distributed, Precision(cfg.precision), dist, sync_bn=True, per_rank_batch=8)
         res = Checkpointer(tmp_path, b, dist).load_latest()
         assert (res["epoch"], res["step"]) == (1, 3)
         assert res["stage_state"]["lambda_u_epoch"] == 4 and torch.equal(res["stage_state"]["ema"], torch.arange(3.0))
@@ -148,9 +149,10 @@ def test_checkpoint_roundtrip_restores_everything(tmp_path, clean_env, backend, 
 
 def test_checkpoints_keep_two_and_ignore_incomplete(tmp_path, clean_env):
     cfg = load_config(None, ["device=cpu"])
-    dist = launch.init_distributed(cfg)
+    dist = launch.init_distributed(cfg.device, cfg.distributed)
     try:
-        backend = build_backend(_tiny_model(), lambda p: torch.optim.SGD(p, lr=0.1), cfg, dist, sync_bn=False)
+        backend = build_backend(_tiny_model(), lambda p: torch.optim.SGD(p, lr=0.1), cfg.distributed, Precision(cfg.precision),
+                                dist, sync_bn=False)
         ck = Checkpointer(tmp_path, backend, dist)
         for step in (2, 4, 6):
             ck.save(0, step, {})
@@ -216,10 +218,10 @@ def test_lars_trust_ratio_per_layer():
 
 
 def test_fault_spec():
-    assert _parse_fault("") is None
-    assert _parse_fault("5") == (5, 0, "exit")
-    assert _parse_fault("7:1:kill") == (7, 1, "kill")
+    assert parse_fault("") is None
+    assert parse_fault("5") == (5, 0, "exit")
+    assert parse_fault("7:1:kill") == (7, 1, "kill")
     with pytest.raises(UserError):
-        _parse_fault("x")
+        parse_fault("x")
     with pytest.raises(UserError):
-        _parse_fault("3:0:explode")
+        parse_fault("3:0:explode")

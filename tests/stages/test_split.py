@@ -15,6 +15,7 @@ from torch import nn
 
 from engine.config import load_config
 from engine.data.prepare import prepare
+from engine.stages.split import Split, rank_batches, select_lowest
 from tests.builders import PALETTE, write_color_cifar
 
 
@@ -34,12 +35,12 @@ class PaletteOracle(nn.Module):
         return -torch.cdist(rgb, self.palette) * 50
 
 
-def make_ctx(root: Path, run_dir: Path, rank: int = 0, world: int = 1):
+def make_data(root: Path, run_dir: Path, rank: int = 0, world: int = 1):
+    """The run's data object for a finetune split test, as the pipeline builds it."""
     from engine.attacks.runtime import build_poison
     from engine.data.prepare import load_meta
-    from engine.report.metrics import MetricsWriter
+    from engine.data.run_data import DatasetMeta, RunData
     from engine.runtime.launch import DistInfo
-    from engine.stages.context import StageContext
 
     cfg = load_config(None, [f"data.root={root}", "data.name=cifar10", "data.num_workers=1", "attack.target=0",
                              "attack.ratio=0.1", "attack.select_from=non_target", f"run_dir={run_dir}"])
@@ -47,18 +48,19 @@ def make_ctx(root: Path, run_dir: Path, rank: int = 0, world: int = 1):
     dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"),
                     backend="gloo" if world > 1 else None, launcher="test")
     poison = build_poison(cfg, meta, run_dir)
-    return StageContext(cfg=cfg, name="finetune", run_dir=run_dir, dist=dist, meta=meta, poison=poison,
-                        metrics=MetricsWriter(run_dir / "m.jsonl", enabled=False))
+    return cfg, RunData(cfg.data, DatasetMeta.from_raw(meta), dist, cfg.seed, poison)
 
 
 def split_once(root: Path, run_dir: Path, rank: int = 0, world: int = 1):
+    from engine.runtime.precision import Precision
     from engine.stages.split import compute_split
     from engine.stages.views import WeakAugment
 
-    ctx = make_ctx(root, run_dir, rank, world)
-    model = PaletteOracle(ctx.cfg.data.mean, ctx.cfg.data.std)
-    augment = WeakAugment(ctx.cfg, ctx.cfg.finetune.view)
-    return ctx, compute_split(ctx, model, augment, epoch=3, epsilon=0.5, alpha=0.1, beta=1.0)
+    cfg, data = make_data(root, run_dir, rank, world)
+    model = PaletteOracle(cfg.data.mean, cfg.data.std)
+    augment = WeakAugment(cfg.data, cfg.finetune.view)
+    return data, compute_split(data, Precision(cfg.precision), model, augment, epoch=3, epsilon=0.5, alpha=0.1,
+                               beta=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +72,10 @@ def color_root(tmp_path_factory) -> Path:
 
 
 def test_planted_split_finds_every_poisoned_sample(color_root, tmp_path):
-    ctx, split = split_once(color_root, tmp_path)
-    poisoned = ctx.poison.plan.poisoned
+    data, split = split_once(color_root, tmp_path)
+    poisoned = data.poison.plan.poisoned
     n_p = int(poisoned.sum())  # the reference's Bernoulli draw over non-target samples
-    assert 10 < n_p < 50 and not (ctx.poison.plan.true_labels[poisoned] == 0).any()
+    assert 10 < n_p < 50 and not (data.poison.plan.true_labels[poisoned] == 0).any()
     assert len(split.labelled) == 150
     q = split.quality(poisoned)
     assert q["poisoned_labelled"] == 0 and q["recall"] == 100.0
@@ -106,9 +108,39 @@ def test_split_identical_in_one_and_two_processes(color_root, tmp_path):
     out = tmp_path / "two.npz"
     (tmp_path / "two").mkdir()
     # The plan file is drawn once; both ranks load it (as the pipeline arranges).
-    make_ctx(color_root, tmp_path / "two")
+    make_data(color_root, tmp_path / "two")
     mp.start_processes(_worker, args=(2, _free_port(), str(color_root), str(tmp_path / "two"), str(out)),
                        nprocs=2, join=True, start_method="spawn")
     two = np.load(out)
     np.testing.assert_array_equal(two["labelled"], single.labelled)
     np.testing.assert_allclose(two["losses"], single.losses, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- selection and sharding
+
+
+def test_split_selects_exactly_the_lowest_fraction():
+    rng = np.random.default_rng(0)
+    losses = rng.random(1001)
+    losses[17] = losses[18]  # a tie: the lower index wins
+    lab, unl = select_lowest(losses, 0.5)
+    assert len(lab) == 500 and len(unl) == 501
+    assert set(lab) | set(unl) == set(range(1001)) and not set(lab) & set(unl)
+    assert losses[lab].max() <= losses[unl].min()
+    np.testing.assert_array_equal(lab, np.sort(np.argsort(losses, kind="stable")[:500]))
+    poisoned = np.zeros(1001, bool)
+    poisoned[unl[:50]] = True
+    poisoned[lab[:5]] = True
+    q = Split(lab, unl, losses).quality(poisoned)
+    assert q["poisoned_labelled"] == 5 and q["labelled_poison_share"] == pytest.approx(1.0)
+    assert q["poisoned_in_labelled"] == pytest.approx(100 * 5 / 55)
+    assert q["precision"] == pytest.approx(100 * 50 / 501) and q["recall"] == pytest.approx(100 * 50 / 55)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_split_batches_cover_each_sample_once(world):
+    n = 1000
+    seen = np.concatenate([rank_batches(n, r, world, batch=64)[0] for r in range(world)])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(n))
+    ks = sorted(k for r in range(world) for k in rank_batches(n, r, world, batch=64)[1])
+    assert ks == list(range(16))

@@ -9,7 +9,6 @@ import torch
 
 from engine.losses.mixmatch import interleave, linear_rampup, mixmatch_loss, mixup, sharpen
 from engine.losses.sce import symmetric_cross_entropy
-from engine.stages.split import Split, rank_batches, select_lowest
 
 
 def test_sce_hand_computed():
@@ -74,30 +73,3 @@ def test_mixmatch_loss_and_ramp():
     assert lu.item() == pytest.approx(((0.5 - 1) ** 2 + 0.5 ** 2) / 2, rel=1e-6)
     assert linear_rampup(10, 190) == pytest.approx(10 / 190)
     assert linear_rampup(500, 190) == 1.0 and linear_rampup(-1, 190) == 0.0
-
-
-def test_split_selects_exactly_the_lowest_fraction():
-    rng = np.random.default_rng(0)
-    losses = rng.random(1001)
-    losses[17] = losses[18]  # a tie: the lower index wins
-    lab, unl = select_lowest(losses, 0.5)
-    assert len(lab) == 500 and len(unl) == 501
-    assert set(lab) | set(unl) == set(range(1001)) and not set(lab) & set(unl)
-    assert losses[lab].max() <= losses[unl].min()
-    np.testing.assert_array_equal(lab, np.sort(np.argsort(losses, kind="stable")[:500]))
-    poisoned = np.zeros(1001, bool)
-    poisoned[unl[:50]] = True
-    poisoned[lab[:5]] = True
-    q = Split(lab, unl, losses).quality(poisoned)
-    assert q["poisoned_labelled"] == 5 and q["labelled_poison_share"] == pytest.approx(1.0)
-    assert q["poisoned_in_labelled"] == pytest.approx(100 * 5 / 55)
-    assert q["precision"] == pytest.approx(100 * 50 / 501) and q["recall"] == pytest.approx(100 * 50 / 55)
-
-
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_split_batches_cover_each_sample_once(world):
-    n = 1000
-    seen = np.concatenate([rank_batches(n, r, world, batch=64)[0] for r in range(world)])
-    np.testing.assert_array_equal(np.sort(seen), np.arange(n))
-    ks = sorted(k for r in range(world) for k in rank_batches(n, r, world, batch=64)[1])
-    assert ks == list(range(16))

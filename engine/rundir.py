@@ -1,0 +1,8 @@
+"""The names of the files in a run directory, shared by the stages that write them and
+the report that reads them (so neither imports the other)."""
+
+DONE = "done.json"  # <run_dir>/<stage>/done.json: the stage's summary; its presence marks it complete
+MODEL = "model.pt"  # <run_dir>/<stage>/model.pt: the final weights, fp32 state dict
+FEATURES = "features.npz"  # <run_dir>/<stage>/features.npz: backbone features for the report's map
+CONFIG = "config.yaml"  # <run_dir>/config.yaml: the resolved config
+METRICS = "metrics.jsonl"  # <run_dir>/metrics.jsonl: every record of the run

@@ -1,0 +1,361 @@
+"""Config building blocks: the loader of typed dataclasses from YAML and ``a.b=c``
+overrides, and the sections several components share (data, model, views,
+distributed, logging, attack).
+
+Each stage's own section lives beside its class (``engine/stages/<stage>.py``);
+``engine.config`` assembles the run's ``Config`` from these and the stage registry.
+Every default is the DBD reference setting (``shared/reference/dbd.md``, CIFAR-10,
+ResNet-18); every deviation a preset makes is an explicit key in its YAML file.
+Validation happens once, at load time, so a bad value fails before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import UserError
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"  # must equal the dataset name in ``<root>/meta.json``
+    root: str = ""  # folder written by ``dbd prepare`` (train.beton, test.beton, meta.json)
+    num_workers: int = 2  # FFCV decoding threads per process
+    image_size: int = 32  # training resolution of every view
+    # Fixed size that variable-size (JPEG) datasets are decoded to before the views are
+    # cut on the device; 0 means image_size (fixed-size raw datasets ignore it).
+    decode_size: int = 0
+    mean: tuple[float, float, float] = CIFAR_MEAN
+    std: tuple[float, float, float] = CIFAR_STD
+    horizontal_flip: bool = True  # off for data that is not mirror-symmetric (digits, GTSRB)
+    os_cache: bool = True  # FFCV: map the whole .beton into the page cache
+
+    @property
+    def decode_side(self) -> int:
+        """The square variable-size data is decoded to (``decode_size``, or the image size)."""
+        return self.decode_size or self.image_size
+
+    def validate(self) -> None:
+        check(self.num_workers >= 1, "data.num_workers", "must be >= 1")
+        check(self.image_size >= 8, "data.image_size", "must be >= 8")
+        check(self.decode_size == 0 or self.decode_size >= self.image_size,
+               "data.decode_size", "must be 0 or >= data.image_size")
+        check(all(s > 0 for s in self.std), "data.std", "must be positive")
+
+
+@dataclass
+class BadNetsConfig:
+    # "white3x3" (BackdoorBench default, bottom-right), "dbd2x2" (the DBD reference's
+    # coloured patch at rows/cols 4-5), or a path to an RGBA/RGB PNG (alpha = mask).
+    pattern: str = "white3x3"
+    pattern_size: int = 32  # resolution the pattern is defined at; resized for others
+    # Where a patch smaller than pattern_size goes: bottom_right, bottom_left, top_right,
+    # top_left, center, or "ROW,COL" (top-left pixel at pattern_size); "" = the preset's
+    # own place (bottom_right for a file).
+    position: str = ""
+
+
+@dataclass
+class BlendedConfig:
+    alpha: float = 0.1  # DBD reference; BackdoorBench uses 0.2
+    pattern: str = "noise"  # "noise" (seeded uniform) or a path to an image file
+    pattern_seed: int = 0
+
+
+@dataclass
+class WaNetConfig:
+    k: int = 4
+    s: float = 0.5
+    grid_rescale: float = 1.0
+    noise: bool = True  # noise mode: extra warped samples with jittered grids, true labels
+    cross_ratio: float = 2.0
+    grid_seed: int = 0
+
+
+@dataclass
+class SIGConfig:
+    delta: float = 40.0
+    f: float = 6.0
+
+
+@dataclass
+class LabelConsistentConfig:
+    eps: float = 8 / 255
+    step_size: float = 1.5 / 255
+    steps: int = 100
+    # Model the PGD perturbations are computed against: a checkpoint path, or empty to
+    # use the run's own ``supervised`` stage on clean data (``dbd attack-prepare``).
+    model: str = ""
+    perturbations: str = ""  # cache written by ``dbd attack-prepare``; empty = run dir
+    # The quick clean classifier ``dbd attack-prepare`` trains when ``model`` is empty.
+    train_epochs: int = 5
+    train_lr: float = 0.05
+    batch_size: int = 128
+
+
+@dataclass
+class AttackConfig:
+    name: str = "badnets"  # none | badnets | blended | wanet | sig | label_consistent
+    target: int = 3  # DBD reference target class
+    ratio: float = 0.05
+    # all_to_one | all_to_all; clean-label attacks (sig, label_consistent) force clean_label
+    label_mode: str = "all_to_one"
+    # Dirty-label draw: "non_target" (DBD reference, from samples whose label is not the
+    # target) or "all" (BackdoorBench: round(ratio * N) from all samples).
+    select_from: str = "non_target"
+    # Clean-label ratio relative to "dataset" (BackdoorBench) or "class" (BackdoorBox).
+    clean_label_ratio_of: str = "dataset"
+    seed: int = 0
+    # A no-defense ASR below this (percent) means the backdoor did not implant, and the
+    # report says that a defense's low ASR then proves nothing.
+    implant_threshold: float = 50.0
+    badnets: BadNetsConfig = field(default_factory=BadNetsConfig)
+    blended: BlendedConfig = field(default_factory=BlendedConfig)
+    wanet: WaNetConfig = field(default_factory=WaNetConfig)
+    sig: SIGConfig = field(default_factory=SIGConfig)
+    label_consistent: LabelConsistentConfig = field(default_factory=LabelConsistentConfig)
+
+    NAMES = ("none", "badnets", "blended", "wanet", "sig", "label_consistent")
+
+    def validate(self) -> None:
+        check(self.name in self.NAMES, "attack.name", f"must be one of {', '.join(self.NAMES)}")
+        check(0.0 < self.ratio <= 1.0, "attack.ratio", f"must be in (0, 1], got {self.ratio}")
+        check(self.target >= 0, "attack.target", "must be >= 0")
+        check(self.label_mode in ("all_to_one", "all_to_all", "clean_label"), "attack.label_mode",
+               "must be all_to_one, all_to_all or clean_label")
+        check(self.select_from in ("non_target", "all"), "attack.select_from", "must be non_target or all")
+        check(self.clean_label_ratio_of in ("dataset", "class"), "attack.clean_label_ratio_of",
+               "must be dataset or class")
+        check(0.0 <= self.blended.alpha <= 1.0, "attack.blended.alpha",
+               f"must be in [0, 1], got {self.blended.alpha}")
+        check(self.wanet.k >= 2, "attack.wanet.k", "must be >= 2")
+        check(self.wanet.cross_ratio >= 0, "attack.wanet.cross_ratio", "must be >= 0")
+        check(self.label_consistent.steps >= 1, "attack.label_consistent.steps", "must be >= 1")
+        check(0 < self.label_consistent.eps <= 1, "attack.label_consistent.eps", "must be in (0, 1]")
+        check(self.label_consistent.step_size > 0, "attack.label_consistent.step_size", "must be > 0")
+        check(self.label_consistent.train_epochs >= 1, "attack.label_consistent.train_epochs", "must be >= 1")
+        check(self.label_consistent.batch_size >= 1, "attack.label_consistent.batch_size", "must be >= 1")
+        check(self.badnets.pattern_size >= 1, "attack.badnets.pattern_size", "must be >= 1")
+        check(self.wanet.s >= 0, "attack.wanet.s", "must be >= 0")
+        check(self.wanet.grid_rescale > 0, "attack.wanet.grid_rescale", "must be > 0")
+        check(self.sig.f > 0, "attack.sig.f", "must be > 0")
+
+    @property
+    def clean_label(self) -> bool:
+        return self.name in ("sig", "label_consistent") or self.label_mode == "clean_label"
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "cifar_resnet18"  # cifar_resnet18 | resnet18 | resnet50 (torchvision-style)
+    width: int = 64  # channels of the first stage; 64 is ResNet-18 proper
+    proj_hidden: int = 512
+    proj_dim: int = 128
+
+    def validate(self) -> None:
+        check(self.arch in ("cifar_resnet18", "resnet18", "resnet50"), "model.arch",
+               "must be cifar_resnet18, resnet18 or resnet50")
+        check(self.width >= 4, "model.width", "must be >= 4")
+
+
+@dataclass
+class SimCLRViewConfig:
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bicubic"
+    flip_p: float = 0.5  # forced to 0 when data.horizontal_flip is false
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_size: int = 3
+
+    def validate(self, prefix: str) -> None:
+        check(0 < self.scale[0] <= self.scale[1] <= 1, f"{prefix}.scale", "must satisfy 0 < lo <= hi <= 1")
+        check(0 < self.ratio[0] <= self.ratio[1], f"{prefix}.ratio", "must satisfy 0 < lo <= hi")
+        check(self.interpolation in ("bicubic", "bilinear"), f"{prefix}.interpolation",
+               "must be bicubic or bilinear")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
+            v = getattr(self, name)
+            check(0.0 <= v <= 1.0, f"{prefix}.{name}", f"must be in [0, 1], got {v}")
+        check(0 <= self.hue <= 0.5, f"{prefix}.hue", "must be in [0, 0.5]")
+        check(self.blur_kernel_size % 2 == 1, f"{prefix}.blur_kernel_size", "must be odd")
+
+
+
+
+@dataclass
+class WeakViewConfig:
+    kind: str = "pad_crop"  # pad_crop (CIFAR: RandomCrop + padding) | resized_crop (ImageNet)
+    padding: int = 4
+    scale: tuple[float, float] = (0.2, 1.0)  # resized_crop only
+    flip_p: float = 0.5
+
+
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "ddp"  # ddp | deepspeed
+    deepspeed_config: str = "configs/deepspeed/zero0_fp32.json"  # match precision when changing it
+    # "global": stage batch sizes are the sum over ranks (divided by world size);
+    # "per_rank": every rank takes the full configured batch.
+    batch_semantics: str = "global"
+    # Learning-rate scaling when the effective global batch differs from the
+    # configured one: none | linear | sqrt.
+    lr_scaling: str = "none"
+    compile: bool = False
+    channels_last: bool = True
+    timeout_s: int = 600  # a dead rank ends the job after this many seconds
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
+    # Gradient-norm clipping for both backends (0 = off, the reference). A DeepSpeed JSON
+    # must agree or leave gradient_clipping out (DeepSpeed >= 0.19.3 defaults it to 1.0).
+    grad_clip: float = 0.0
+
+    def validate(self) -> None:
+        check(self.backend in ("ddp", "deepspeed"), "distributed.backend",
+               f"unknown backend {self.backend!r}: must be ddp or deepspeed")
+        check(self.batch_semantics in ("global", "per_rank"), "distributed.batch_semantics",
+               "must be global or per_rank")
+        check(self.lr_scaling in ("none", "linear", "sqrt"), "distributed.lr_scaling", "must be none, linear or sqrt")
+        check(self.timeout_s >= 10, "distributed.timeout_s", "must be >= 10")
+        check(self.grad_clip >= 0, "distributed.grad_clip", "must be >= 0 (0 = off)")
+        check(self.checkpoint_every >= 0, "distributed.checkpoint_every", "must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True  # a progress bar with images/second, rank 0 only
+    log_every: int = 10  # steps between metrics.jsonl step records
+
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise UserError(f"config: {key} {msg}")
+
+
+
+def parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"config: {prefix or 'top level'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean {prefix + near[0]!r}?" if near else f"; known keys: {', '.join(fields)}"
+            raise UserError(f"config: unknown key {full!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config: {key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key) for v in value)
+        if len(value) != len(args):
+            raise UserError(f"config: {key} must have {len(args)} items, got {len(value)}")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config: {key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"config: {key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"config: {key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config: {key} must be a string, got {value!r}")
+    raise UserError(f"config: {key} has an unsupported type {tp}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict (tuples become lists) for YAML/JSON output."""
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        return v
+    return conv(cfg)
+
+
+
+def load_raw(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The YAML file (if any) as a mapping, with ``dotted.key=value`` overrides applied."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {path} must hold a mapping at the top level")
+        raw = loaded
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like dotted.key=value")
+        set_dotted(raw, key.strip(), parse_scalar(value))
+    return raw

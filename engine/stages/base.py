@@ -1,0 +1,173 @@
+"""What a stage is: the ``Stage`` base class, the registry, and what a stage is handed.
+
+A stage declares what differs between stages and nothing else:
+
+- ``name`` (its folder under the run dir and its config section), ``config_class``
+  (the dataclass of that section, defined beside the stage), ``label`` (how reports
+  name its results), ``defense`` (which defense it belongs to, "none" for the
+  baseline), ``evaluates`` (whether BA/ASR/RA are scored after each epoch),
+  ``needs`` (earlier stages it reads), ``default_position`` (its place in the default
+  ``stages`` list, None when it is opt-in);
+- ``build()``: model, backend, loaders, views; it sets ``backend``, ``epochs``,
+  ``steps_per_epoch`` and ``images_per_step``;
+- ``batches(epoch)``, ``on_epoch_start(epoch)``, and one training step in two halves:
+  ``prepare(batch, epoch, step)`` (what happens to a loader batch on the device: the
+  copy and the views) and ``update(inputs, epoch, step)`` (forward, loss, backward,
+  optimizer); ``train_step`` is the two in turn, and benchmarks time each half of the
+  real step;
+- ``state_dict()`` / ``load_state_dict()`` for what a checkpoint must carry beyond the
+  backend's model and optimizer, and ``eval_module()``.
+
+Everything else (seed, checkpoints and resume, the loop, progress, metrics, the final
+evaluation, the atomic save, the summary) belongs to ``engine.stages.trainer.Trainer``.
+
+Subclasses register themselves by defining ``name``; ``engine.stages`` imports every
+module of the package, so a new stage is one new file.
+"""
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
+
+from torch import nn
+
+from engine.errors import UserError
+from engine.rundir import DONE, MODEL
+
+STAGES: dict[str, type["Stage"]] = {}
+
+
+@dataclass
+class StageEnv:
+    """What the Trainer hands a stage besides its own config section: the few shared
+    facts it needs, typed, and the run's shared components."""
+
+    name: str
+    run_dir: Path
+    seed: int
+    precision: Any  # engine.runtime.precision.Precision
+    dist: Any  # engine.runtime.launch.DistInfo
+    data: Any  # engine.data.run_data.RunData
+    poison: Any  # engine.attacks.runtime.PoisonRuntime, None for clean data
+    model: Any  # the ``model`` config section
+    distributed: Any  # the ``distributed`` config section
+    metrics: Any  # engine.report.metrics.MetricsWriter, with stage=name
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.meta.num_classes
+
+    def upstream_model(self, stage: str) -> Path:
+        """The final weights of an earlier stage, which must be complete."""
+        d = self.run_dir / stage
+        if not (d / DONE).is_file() or not (d / MODEL).is_file():
+            raise UserError(f"stage {self.name!r} needs the finished {stage!r} stage: "
+                            f"{d / MODEL} is missing (add {stage!r} to stages, or run it first)")
+        return d / MODEL
+
+    def upstream_summary(self, stage: str) -> dict:
+        self.upstream_model(stage)
+        return json.loads((self.run_dir / stage / DONE).read_text())
+
+
+class Stage(abc.ABC):
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    label: ClassVar[str]
+    defense: ClassVar[str]
+    evaluates: ClassVar[bool] = True
+    needs: ClassVar[tuple[str, ...]] = ()
+    default_position: ClassVar[int | None] = None
+
+    # Set by build():
+    backend: Any
+    epochs: int
+    steps_per_epoch: int
+    images_per_step: int  # images one step trains on, over all ranks (images/second)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in STAGES and STAGES[cls.name] is not cls:
+                raise RuntimeError(f"two stages are named {cls.name!r}: {STAGES[cls.name]} and {cls}")
+            STAGES[cls.name] = cls
+
+    def __init__(self, config: Any, env: StageEnv):
+        self.config = config
+        self.env = env
+
+    # ---- what every stage defines
+    @abc.abstractmethod
+    def build(self) -> None:
+        """Model, backend, loaders and views; sets backend, epochs, steps_per_epoch, images_per_step."""
+
+    @abc.abstractmethod
+    def batches(self, epoch: int) -> Iterable:
+        """Epoch ``epoch``'s batches, the same ones in the same order on every call."""
+
+    @abc.abstractmethod
+    def prepare(self, batch: Any, epoch: int, step: int) -> Any:
+        """A loader batch on the device, with its views cut: the inputs of ``update``."""
+
+    @abc.abstractmethod
+    def update(self, inputs: Any, epoch: int, step: int) -> dict:
+        """Forward, loss, backward and optimizer step on prepared inputs; the step's metrics
+        as floats or 0-d tensors, the same keys on every rank."""
+
+    def train_step(self, batch: Any, epoch: int, step: int) -> dict:
+        """One optimizer step on one loader batch."""
+        return self.update(self.prepare(batch, epoch, step), epoch, step)
+
+    # ---- optional hooks
+    def on_epoch_start(self, epoch: int) -> None:
+        """Runs before an epoch's first step, also when a resume lands in the middle of it
+        (after ``load_state_dict``): state it derives must be kept in ``state_dict``."""
+
+    def state_dict(self) -> dict:
+        """The stage's own state for checkpoints (tensors, numbers, strings, lists, dicts)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def eval_module(self) -> nn.Module:
+        """The model that evaluation scores and the stage saves as ``model.pt``."""
+        return self.backend.module
+
+    def feature_backbone(self) -> nn.Module | None:
+        """A backbone whose features the report maps in 2-D, or None."""
+        return None
+
+    def summary(self) -> dict:
+        """Extra values for ``done.json``."""
+        return {}
+
+    # ---- checks on the config alone (preflight, before any work)
+    @classmethod
+    def batch_size(cls, config: Any) -> int:
+        return int(config.batch_size)
+
+    @classmethod
+    def per_layer_optimizer(cls, config: Any) -> bool:
+        """True when the optimizer needs whole layers (LARS): DeepSpeed must not flatten them."""
+        return False
+
+
+def default_stages() -> tuple[str, ...]:
+    """The stages a config runs when it does not list them: every stage with a position."""
+    placed = [c for c in STAGES.values() if c.default_position is not None]
+    return tuple(c.name for c in sorted(placed, key=lambda c: c.default_position))
+
+
+def stage_class(name: str) -> type[Stage]:
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise UserError(f"unknown stage {name!r}: known stages are {', '.join(STAGES)}") from None

@@ -1,0 +1,242 @@
+"""The one Trainer: runs any :class:`~engine.stages.base.Stage`.
+
+The stage supplies what differs (its model and backend, an epoch's batches, one step,
+epoch hooks and its own state); the Trainer supplies what must be the same
+everywhere: the seed before the stage builds, resuming from the latest checkpoint,
+checkpoints every ``distributed.checkpoint_every`` steps and at each epoch end, metrics
+records reduced over ranks, the progress bar on rank 0, evaluation after each epoch,
+the final model written atomically, the feature dump, and the stage's ``done.json``.
+
+Resume is exact because every source of randomness is a function of the position:
+the loader order is a pure function of (seed, epoch, rank) and views are seeded from
+(seed, epoch, step, rank), so a partly done epoch is resumed by recreating that epoch's
+batches and skipping the ones already trained on. On a mid-epoch resume
+``on_epoch_start(epoch)`` runs again (after ``load_state_dict``) and the RNG states
+are then set back to the checkpoint's.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.errors import UserError
+from engine.fsutil import write_json
+from engine.report.progress import Progress
+from engine.runtime import launch
+from engine.runtime.checkpoint import Checkpointer, save_final_model, set_rng_state
+from engine.stages.base import DONE, MODEL, Stage
+from engine.stages.evaluate import Evaluator
+from engine.stages.faults import FAULT_ENV, maybe_fault, parse_fault
+from engine.rundir import FEATURES
+from engine.stages.features import save_features
+
+
+@dataclass
+class LoopResult:
+    epochs: int  # epochs completed in total (before and after any resume)
+    global_step: int  # optimizer steps completed in total
+    history: list[dict] = field(default_factory=list)  # one record per epoch, resumed ones included
+    images_per_second: float = 0.0  # over the steps this process ran (0 if it ran none)
+    resumed_from: str | None = None  # checkpoint folder, if resumed
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+class Trainer:
+    """Runs one stage to completion: ``Trainer(stage, logging, checkpoint_every).run()``."""
+
+    def __init__(self, stage: Stage, *, logging, checkpoint_every: int = 0):
+        self.stage = stage
+        self.env = stage.env
+        self.logging = logging  # the ``logging`` config section
+        self.checkpoint_every = max(0, int(checkpoint_every))
+        self.evaluator: Evaluator | None = None
+        self.last_eval: dict = {}
+
+    # ------------------------------------------------------------------ the whole stage
+    def run(self) -> dict:
+        """Build, train (resuming), evaluate, save; returns what ``done.json`` holds."""
+        env, stage = self.env, self.stage
+        dist = env.dist
+        if dist.is_main:
+            env.stage_dir.mkdir(parents=True, exist_ok=True)
+            print(f"[{env.name}] starting", flush=True)
+        launch.barrier()
+        t0 = time.time()
+        # The same initial weights on every rank and under every launcher.
+        torch.manual_seed(env.seed)
+        stage.build()
+        if stage.evaluates:
+            self.evaluator = Evaluator(env.data, env.precision)
+        result = self.fit()
+        final = {}
+        if stage.evaluates:
+            final = self.last_eval or self.evaluator(stage.eval_module())
+        if dist.is_main:
+            save_final_model(env.stage_dir / MODEL, stage.eval_module())
+        backbone = stage.feature_backbone()
+        if backbone is not None:
+            # The report's feature-space picture: where this backbone puts poisoned samples.
+            save_features(env.data, env.precision, backbone, env.stage_dir / FEATURES)
+        launch.barrier()
+        summary = {"stage": env.name, "label": stage.label, "defense": stage.defense, "evaluates": stage.evaluates,
+                   "seconds": round(time.time() - t0, 2), "world_size": dist.world_size, **final,
+                   "epochs": result.epochs, "final_loss": result.last.get("loss"),
+                   "images_per_second": round(result.images_per_second, 1), "steps_per_epoch": stage.steps_per_epoch, "backend": stage.backend.name,
+                   "precision": env.precision.name, **stage.summary()}
+        if dist.is_main:
+            write_json(env.stage_dir / DONE, summary)
+            env.metrics.log("stage_done", **{k: v for k, v in summary.items() if _scalar(v)})
+            print(f"[{env.name}] done in {summary['seconds']:.1f} s", flush=True)
+        launch.barrier()
+        return summary
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, epoch: int) -> dict:
+        if self.evaluator is None:
+            return {}
+        self.last_eval = self.evaluator(self.stage.eval_module())
+        if self.env.dist.is_main:
+            self.env.metrics.log("eval", epoch=epoch, **self.last_eval)
+        return dict(self.last_eval)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> LoopResult:
+        """Train ``stage.epochs`` epochs of ``stage.steps_per_epoch`` steps, resuming if a checkpoint exists."""
+        env, stage = self.env, self.stage
+        dist, backend = env.dist, stage.backend
+        epochs, steps_per_epoch, images_per_step = stage.epochs, stage.steps_per_epoch, stage.images_per_step
+        if epochs < 1 or steps_per_epoch < 1:
+            raise UserError(f"stage {env.name}: needs at least one epoch and one step per epoch "
+                            f"(got {epochs} epochs of {steps_per_epoch} steps)")
+        log_every = max(0, int(self.logging.log_every))
+        ckpt_every = self.checkpoint_every
+        fault = parse_fault(os.environ.get(FAULT_ENV, ""))
+        checkpointer = Checkpointer(env.stage_dir, backend, dist)
+
+        start_epoch, start_step, global_step = 0, 0, 0
+        history: list[dict] = []
+        carried: dict[str, float] = {}  # epoch sums (already rank-averaged) from before a resume
+        carried_count = 0
+        res = checkpointer.load_latest()
+        if res is not None:
+            state = res["stage_state"]
+            loop_state = state.get("loop", {})
+            history = list(loop_state.get("history", []))
+            global_step = int(loop_state.get("global_step", 0))
+            carried = dict(loop_state.get("partial_sums", {}))
+            carried_count = int(loop_state.get("partial_count", 0))
+            stage.load_state_dict(state.get("user", {}))
+            start_epoch, start_step = res["epoch"], res["step"]
+            if start_step >= steps_per_epoch:
+                start_epoch, start_step = start_epoch + 1, 0
+            if dist.is_main:
+                print(f"[{env.name}] resuming from {res['path']} (epoch {start_epoch}, step {start_step})", flush=True)
+
+        total = epochs * steps_per_epoch
+        progress = Progress(total=total, desc=env.name, enabled=bool(self.logging.progress) and dist.is_main,
+                            initial=min(global_step, total))
+        run_images, run_seconds = 0, 0.0
+
+        def checkpoint(epoch: int, step: int, sums: dict, count: int) -> None:
+            loop_state = {"history": history, "global_step": global_step,
+                          "partial_sums": dist.mean_over_ranks(sums) if count else {}, "partial_count": count}
+            checkpointer.save(epoch, step, {"user": stage.state_dict(), "loop": loop_state})
+
+        try:
+            for epoch in range(start_epoch, epochs):
+                backend.train()
+                stage.on_epoch_start(epoch)
+                first = start_step if epoch == start_epoch else 0
+                if first and res is not None and res.get("rng") is not None:
+                    set_rng_state(res["rng"], dist.device)
+                sums: dict[str, Any] = dict(carried) if first else {}
+                count = carried_count if first else 0
+                iterator = iter(stage.batches(epoch))
+                # The epoch order is deterministic: skipping reproduces the interrupted run.
+                for _ in itertools.islice(iterator, first):
+                    pass
+                t_epoch = time.perf_counter()
+                t_log, images_since_log = t_epoch, 0
+                ran = 0
+                for step in range(first, steps_per_epoch):
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        break
+                    if fault is not None:
+                        maybe_fault(fault, global_step, dist.rank, env.stage_dir)
+                    out = stage.train_step(batch, epoch, step)
+                    global_step += 1
+                    ran += 1
+                    count += 1
+                    images_since_log += images_per_step
+                    for k, v in out.items():
+                        v = v.detach().float() if torch.is_tensor(v) else float(v)
+                        sums[k] = sums[k] + v if k in sums else v
+                    logged = None
+                    if log_every and global_step % log_every == 0:
+                        logged = dist.mean_over_ranks(out)
+                        now = time.perf_counter()
+                        rate = images_since_log / max(now - t_log, 1e-9)
+                        t_log, images_since_log = now, 0
+                        if dist.is_main:
+                            env.metrics.log("step", epoch=epoch, step=step, global_step=global_step - 1,
+                                            lr=backend.get_lr(), images_per_second=round(rate, 2),
+                                            **_loss_scale(backend), **logged)
+                    progress.update(images_per_step,
+                                    **({"loss": logged["loss"]} if logged and "loss" in logged else {}))
+                    if ckpt_every and global_step % ckpt_every == 0 and step + 1 < steps_per_epoch:
+                        checkpoint(epoch, step + 1, sums, count)
+                if hasattr(iterator, "close"):
+                    iterator.close()
+                seconds = time.perf_counter() - t_epoch
+                run_images += ran * images_per_step
+                run_seconds += seconds
+                means = {k: v / max(count, 1) for k, v in dist.mean_over_ranks(sums).items()}
+                record = {"epoch": epoch, "steps": count, "global_step": global_step, "lr": backend.get_lr(),
+                          "images_per_second": round(ran * images_per_step / max(seconds, 1e-9), 2), **means}
+                record.update(_plain(self.evaluate(epoch)))
+                history.append(record)
+                if dist.is_main:
+                    env.metrics.log("epoch", **record)
+                carried, carried_count = {}, 0
+                checkpoint(epoch + 1, 0, {}, 0)
+        finally:
+            progress.close()
+
+        return LoopResult(epochs=len(history), global_step=global_step, history=history,
+                          images_per_second=run_images / run_seconds if run_seconds > 0 else 0.0,
+                          resumed_from=str(res["path"]) if res is not None else None)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float, str, bool)) or v is None
+
+
+def _plain(obj: Any) -> Any:
+    # Records go into checkpoints read back with weights_only=True: no numpy scalars.
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if torch.is_tensor(obj):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        return obj.item()
+    return obj
+
+
+def _loss_scale(backend) -> dict:
+    scale = backend.loss_scale
+    return {"loss_scale": scale} if scale != 1.0 else {}
