@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from engine.settings import (AttackConfig, DataConfig, DistributedConfig, LoggingConfig, ModelConfig, check,
-                             from_dict, load_raw, to_dict)
+from engine.attacks.config import AttackConfig
+from engine.settings import DataConfig, DistributedConfig, LoggingConfig, ModelConfig, check, from_dict, load_raw, to_dict
 from engine.stages import STAGES, default_stages
 
 __all__ = ["Config", "load_config", "to_dict", "dump_yaml", "save_resolved"]

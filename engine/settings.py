@@ -1,9 +1,10 @@
 """Config building blocks: the loader of typed dataclasses from YAML and ``a.b=c``
 overrides, and the sections several components share (data, model, views,
-distributed, logging, attack).
+distributed, logging).
 
-Each stage's own section lives beside its class (``engine/stages/<stage>.py``);
-``engine.config`` assembles the run's ``Config`` from these and the stage registry.
+Each stage's own section lives beside its class (``engine/stages/<stage>.py``) and
+each attack's beside its attack (``engine/attacks/<attack>.py``); ``engine.config``
+assembles the run's ``Config`` from these and the two registries.
 Every default is the DBD reference setting (``shared/reference/dbd.md``, CIFAR-10,
 ResNet-18); every deviation a preset makes is an explicit key in its YAML file.
 Validation happens once, at load time, so a bad value fails before any work starts.
@@ -20,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from engine.errors import UserError
+from engine.errors import UserError, check  # noqa: F401  (check is part of this module's API)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -51,108 +52,6 @@ class DataConfig:
         check(self.decode_size == 0 or self.decode_size >= self.image_size,
                "data.decode_size", "must be 0 or >= data.image_size")
         check(all(s > 0 for s in self.std), "data.std", "must be positive")
-
-
-@dataclass
-class BadNetsConfig:
-    # "white3x3" (BackdoorBench default, bottom-right), "dbd2x2" (the DBD reference's
-    # coloured patch at rows/cols 4-5), or a path to an RGBA/RGB PNG (alpha = mask).
-    pattern: str = "white3x3"
-    pattern_size: int = 32  # resolution the pattern is defined at; resized for others
-    # Where a patch smaller than pattern_size goes: bottom_right, bottom_left, top_right,
-    # top_left, center, or "ROW,COL" (top-left pixel at pattern_size); "" = the preset's
-    # own place (bottom_right for a file).
-    position: str = ""
-
-
-@dataclass
-class BlendedConfig:
-    alpha: float = 0.1  # DBD reference; BackdoorBench uses 0.2
-    pattern: str = "noise"  # "noise" (seeded uniform) or a path to an image file
-    pattern_seed: int = 0
-
-
-@dataclass
-class WaNetConfig:
-    k: int = 4
-    s: float = 0.5
-    grid_rescale: float = 1.0
-    noise: bool = True  # noise mode: extra warped samples with jittered grids, true labels
-    cross_ratio: float = 2.0
-    grid_seed: int = 0
-
-
-@dataclass
-class SIGConfig:
-    delta: float = 40.0
-    f: float = 6.0
-
-
-@dataclass
-class LabelConsistentConfig:
-    eps: float = 8 / 255
-    step_size: float = 1.5 / 255
-    steps: int = 100
-    # Model the PGD perturbations are computed against: a checkpoint path, or empty to
-    # use the run's own ``supervised`` stage on clean data (``dbd attack-prepare``).
-    model: str = ""
-    perturbations: str = ""  # cache written by ``dbd attack-prepare``; empty = run dir
-    # The quick clean classifier ``dbd attack-prepare`` trains when ``model`` is empty.
-    train_epochs: int = 5
-    train_lr: float = 0.05
-    batch_size: int = 128
-
-
-@dataclass
-class AttackConfig:
-    name: str = "badnets"  # none | badnets | blended | wanet | sig | label_consistent
-    target: int = 3  # DBD reference target class
-    ratio: float = 0.05
-    # all_to_one | all_to_all; clean-label attacks (sig, label_consistent) force clean_label
-    label_mode: str = "all_to_one"
-    # Dirty-label draw: "non_target" (DBD reference, from samples whose label is not the
-    # target) or "all" (BackdoorBench: round(ratio * N) from all samples).
-    select_from: str = "non_target"
-    # Clean-label ratio relative to "dataset" (BackdoorBench) or "class" (BackdoorBox).
-    clean_label_ratio_of: str = "dataset"
-    seed: int = 0
-    # A no-defense ASR below this (percent) means the backdoor did not implant, and the
-    # report says that a defense's low ASR then proves nothing.
-    implant_threshold: float = 50.0
-    badnets: BadNetsConfig = field(default_factory=BadNetsConfig)
-    blended: BlendedConfig = field(default_factory=BlendedConfig)
-    wanet: WaNetConfig = field(default_factory=WaNetConfig)
-    sig: SIGConfig = field(default_factory=SIGConfig)
-    label_consistent: LabelConsistentConfig = field(default_factory=LabelConsistentConfig)
-
-    NAMES = ("none", "badnets", "blended", "wanet", "sig", "label_consistent")
-
-    def validate(self) -> None:
-        check(self.name in self.NAMES, "attack.name", f"must be one of {', '.join(self.NAMES)}")
-        check(0.0 < self.ratio <= 1.0, "attack.ratio", f"must be in (0, 1], got {self.ratio}")
-        check(self.target >= 0, "attack.target", "must be >= 0")
-        check(self.label_mode in ("all_to_one", "all_to_all", "clean_label"), "attack.label_mode",
-               "must be all_to_one, all_to_all or clean_label")
-        check(self.select_from in ("non_target", "all"), "attack.select_from", "must be non_target or all")
-        check(self.clean_label_ratio_of in ("dataset", "class"), "attack.clean_label_ratio_of",
-               "must be dataset or class")
-        check(0.0 <= self.blended.alpha <= 1.0, "attack.blended.alpha",
-               f"must be in [0, 1], got {self.blended.alpha}")
-        check(self.wanet.k >= 2, "attack.wanet.k", "must be >= 2")
-        check(self.wanet.cross_ratio >= 0, "attack.wanet.cross_ratio", "must be >= 0")
-        check(self.label_consistent.steps >= 1, "attack.label_consistent.steps", "must be >= 1")
-        check(0 < self.label_consistent.eps <= 1, "attack.label_consistent.eps", "must be in (0, 1]")
-        check(self.label_consistent.step_size > 0, "attack.label_consistent.step_size", "must be > 0")
-        check(self.label_consistent.train_epochs >= 1, "attack.label_consistent.train_epochs", "must be >= 1")
-        check(self.label_consistent.batch_size >= 1, "attack.label_consistent.batch_size", "must be >= 1")
-        check(self.badnets.pattern_size >= 1, "attack.badnets.pattern_size", "must be >= 1")
-        check(self.wanet.s >= 0, "attack.wanet.s", "must be >= 0")
-        check(self.wanet.grid_rescale > 0, "attack.wanet.grid_rescale", "must be > 0")
-        check(self.sig.f > 0, "attack.sig.f", "must be > 0")
-
-    @property
-    def clean_label(self) -> bool:
-        return self.name in ("sig", "label_consistent") or self.label_mode == "clean_label"
 
 
 @dataclass
@@ -245,11 +144,6 @@ class LoggingConfig:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise UserError(f"config: {key} {msg}")
 
 
 

@@ -8,13 +8,29 @@ a patch smaller than the frame is placed at ``attack.badnets.position``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from numba import njit
 
 from engine.attacks.base import Attack, check_images, load_rgb, resample_nearest
-from engine.errors import UserError
+from engine.errors import UserError, check
+
+
+@dataclass
+class BadNetsConfig:
+    # "white3x3" (BackdoorBench default, bottom-right), "dbd2x2" (the DBD reference's
+    # coloured patch at rows/cols 4-5), or a path to an RGBA/RGB PNG (alpha = mask).
+    pattern: str = "white3x3"
+    pattern_size: int = 32  # resolution the pattern is defined at; resized for others
+    # Where a patch smaller than pattern_size goes: bottom_right, bottom_left, top_right,
+    # top_left, center, or "ROW,COL" (top-left pixel at pattern_size); "" = the preset's
+    # own place (bottom_right for a file).
+    position: str = ""
+
+    def validate(self) -> None:
+        check(self.pattern_size >= 1, "attack.badnets.pattern_size", "must be >= 1")
 
 WHITE, BLACK = 255, 0
 
@@ -102,6 +118,7 @@ def build_frame(spec: str, pattern_size: int, position: str, what: str = "attack
 
 class BadNets(Attack):
     name = "badnets"
+    config_class = BadNetsConfig
 
     def __init__(self, pattern: np.ndarray, mask: np.ndarray):
         if pattern.shape != mask.shape or pattern.ndim != 3 or pattern.shape[-1] != 3:
@@ -110,8 +127,8 @@ class BadNets(Attack):
         self.mask = np.ascontiguousarray(mask, dtype=bool)
 
     @classmethod
-    def from_config(cls, cfg) -> "BadNets":
-        return cls(*build_frame(cfg.pattern, cfg.pattern_size, cfg.position))
+    def from_config(cls, section: BadNetsConfig, ctx=None) -> "BadNets":
+        return cls(*build_frame(section.pattern, section.pattern_size, section.position))
 
     def apply(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
         check_images(images)

@@ -22,7 +22,9 @@ kernels do integer arithmetic and table look-ups only: exact by construction.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 from numba import types
@@ -32,10 +34,54 @@ from numba.extending import intrinsic
 from engine.errors import UserError
 
 
+# Every attack class, by name; a class registers itself by defining ``name``. The
+# config (engine/attacks/config.py) gets one section per entry.
+ATTACKS: dict[str, type["Attack"]] = {}
+
+
+@dataclass(frozen=True)
+class AttackContext:
+    """What building an attack may need besides its own config section."""
+
+    frame: tuple[int, int]  # the grid the trigger is defined on
+    plan: Any  # engine.attacks.plan.PoisonPlan
+    train: bool  # the training-set variant (per-sample noise, perturbations) or the test trigger
+    run_dir: Path | None
+    meta: dict  # the dataset's meta.json
+    seed: int  # attack.seed
+
+
 class Attack(ABC):
     name: ClassVar[str]
+    config_class: ClassVar[type]  # the dataclass of its ``attack.<name>`` section, beside the class
     # Clean-label attacks never change labels (SIG, label-consistent).
     clean_label: ClassVar[bool] = False
+    # The training set's trigger differs per sample from the test trigger (WaNet's
+    # noise grids, label-consistent's perturbations): built separately.
+    per_sample_training: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            ATTACKS[cls.name] = cls
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, section: Any, ctx: AttackContext) -> "Attack":
+        """The attack of config section ``section`` (``attack.<name>``)."""
+
+    @classmethod
+    def noise_cross_ratio(cls, section: Any) -> float:
+        """Extra samples triggered with their true labels, per poisoned sample (WaNet's noise mode)."""
+        return 0.0
+
+    @classmethod
+    def trigger_settings(cls, section: Any) -> dict:
+        """The settings that define the trigger, recorded in the plan (a stage trained with
+        one trigger must not be resumed with another)."""
+        from engine.settings import to_dict
+
+        return to_dict(section)
 
     @abstractmethod
     def apply(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:

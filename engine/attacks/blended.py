@@ -10,11 +10,23 @@ seeded uniform noise drawn at the frame size (the image-free default).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numba import njit
 
 from engine.attacks.base import Attack, check_images, load_rgb, resample_nearest
-from engine.errors import UserError
+from engine.errors import UserError, check
+
+
+@dataclass
+class BlendedConfig:
+    alpha: float = 0.1  # DBD reference; BackdoorBench uses 0.2
+    pattern: str = "noise"  # "noise" (seeded uniform) or a path to an image file
+    pattern_seed: int = 0
+
+    def validate(self) -> None:
+        check(0.0 <= self.alpha <= 1.0, "attack.blended.alpha", f"must be in [0, 1], got {self.alpha}")
 
 
 def blend(x: np.ndarray, t: np.ndarray, alpha: float) -> np.ndarray:
@@ -36,6 +48,7 @@ def make_pattern(spec: str, frame: tuple[int, int], seed: int, what: str = "atta
 
 class Blended(Attack):
     name = "blended"
+    config_class = BlendedConfig
 
     def __init__(self, pattern: np.ndarray, alpha: float):
         if not 0.0 <= alpha <= 1.0:
@@ -46,8 +59,8 @@ class Blended(Attack):
         self.alpha = float(alpha)
 
     @classmethod
-    def from_config(cls, cfg, frame: tuple[int, int]) -> "Blended":
-        return cls(make_pattern(cfg.pattern, frame, cfg.pattern_seed), cfg.alpha)
+    def from_config(cls, section: BlendedConfig, ctx) -> "Blended":
+        return cls(make_pattern(section.pattern, ctx.frame, section.pattern_seed), section.alpha)
 
     def apply(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
         check_images(images)

@@ -15,6 +15,7 @@ row k belongs to indices[k]), the dataset hash and the PGD settings.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import time
 from pathlib import Path
 
@@ -23,7 +24,34 @@ from numba import carray, njit
 
 from engine.attacks.badnets import patch_kernel
 from engine.attacks.base import Attack, as_pointer, check_images, resample_nearest
-from engine.errors import UserError
+from engine.errors import UserError, check
+
+
+@dataclass
+class LabelConsistentConfig:
+    eps: float = 8 / 255
+    step_size: float = 1.5 / 255
+    steps: int = 100
+    # Model the PGD perturbations are computed against: a checkpoint path, or empty to
+    # use the run's own ``supervised`` stage on clean data (``dbd attack-prepare``).
+    model: str = ""
+    perturbations: str = ""  # cache written by ``dbd attack-prepare``; empty = run dir
+    # The quick clean classifier ``dbd attack-prepare`` trains when ``model`` is empty.
+    train_epochs: int = 5
+    train_lr: float = 0.05
+    batch_size: int = 128
+
+    def validate(self) -> None:
+        check(self.steps >= 1, "attack.label_consistent.steps", "must be >= 1")
+        check(0 < self.eps <= 1, "attack.label_consistent.eps", "must be in (0, 1]")
+        check(self.step_size > 0, "attack.label_consistent.step_size", "must be > 0")
+        check(self.train_epochs >= 1, "attack.label_consistent.train_epochs", "must be >= 1")
+        check(self.batch_size >= 1, "attack.label_consistent.batch_size", "must be >= 1")
+
+
+# Where the model and cache live, and how the helper classifier is trained, do not
+# define the trigger.
+_NOT_TRIGGER = ("model", "perturbations", "train_epochs", "train_lr", "batch_size")
 
 CORNER_FRAME = 32  # the corner patterns are defined at 32 px and scaled with the image
 CHECKER = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=np.uint8) * 255
@@ -42,7 +70,21 @@ def corner_trigger(frame: int = CORNER_FRAME) -> tuple[np.ndarray, np.ndarray]:
 
 class LabelConsistent(Attack):
     name = "label_consistent"
+    config_class = LabelConsistentConfig
     clean_label = True
+    per_sample_training = True  # each poisoned sample has its own perturbation
+
+    @classmethod
+    def from_config(cls, section: LabelConsistentConfig, ctx) -> "LabelConsistent":
+        if not ctx.train:
+            return cls()
+        pert, rows = load_perturbations(section, ctx.run_dir, ctx.meta, ctx.frame, ctx.plan.poisoned_indices,
+                                        len(ctx.plan.true_labels))
+        return cls(pert, rows)
+
+    @classmethod
+    def trigger_settings(cls, section: LabelConsistentConfig) -> dict:
+        return {k: v for k, v in super().trigger_settings(section).items() if k not in _NOT_TRIGGER}
 
     def __init__(self, perturbations: np.ndarray | None = None, rows: np.ndarray | None = None):
         """``perturbations`` int8 (K, H, W, 3) at the frame size; ``rows`` int32 over the

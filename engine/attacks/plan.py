@@ -99,7 +99,9 @@ class PoisonPlan:
 def plan_settings(attack) -> dict:
     """The attack settings the selection depends on, as recorded in the plan."""
     mode = "clean_label" if attack.clean_label else attack.label_mode
-    noise = attack.name == "wanet" and attack.wanet.noise
+    from engine.attacks import ATTACKS
+
+    cross_ratio = ATTACKS[attack.name].noise_cross_ratio(attack.section) if attack.name in ATTACKS else 0.0
     return {
         "attack": attack.name,
         "label_mode": mode,
@@ -108,7 +110,7 @@ def plan_settings(attack) -> dict:
         "ratio": float(attack.ratio),
         "target": int(attack.target),
         "seed": int(attack.seed),
-        "noise_cross_ratio": float(attack.wanet.cross_ratio) if noise else 0.0,
+        "noise_cross_ratio": float(cross_ratio),
         # Not used by the selection, but stages trained with one trigger must not be
         # resumed with another.
         "trigger": trigger_settings(attack),
@@ -116,17 +118,11 @@ def plan_settings(attack) -> dict:
 
 
 def trigger_settings(attack) -> dict | None:
-    from engine.settings import to_dict
+    from engine.attacks import ATTACKS
 
-    if attack.name == "none":
+    if attack.name not in ATTACKS:
         return None
-    sub = to_dict(getattr(attack, attack.name))
-    if attack.name == "label_consistent":
-        # Where the model and cache live, and how the helper classifier is trained,
-        # do not define the trigger.
-        for key in ("model", "perturbations", "train_epochs", "train_lr", "batch_size"):
-            sub.pop(key, None)
-    return sub
+    return ATTACKS[attack.name].trigger_settings(attack.section)
 
 
 def make_plan(true_labels: np.ndarray, num_classes: int, settings: dict, *, content_hash: str = "",

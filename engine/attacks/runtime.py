@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.attacks.base import Attack
+from engine.attacks import ATTACKS
+from engine.attacks.base import Attack, AttackContext
+from engine.attacks.config import NONE
 from engine.attacks.plan import PLAN_FILE, PoisonPlan, make_plan, plan_settings, verify_plan
 from engine.errors import UserError
 
@@ -47,35 +49,15 @@ def _split_labels(root: str, split: str) -> np.ndarray:
 
 def make_attack(cfg, frame: tuple[int, int], plan: PoisonPlan, run_dir: Path | None, meta: dict, *,
                 train: bool) -> Attack | None:
+    """The configured attack (None for ``none``), from the registry: each attack class
+    builds itself from its own section."""
     a = cfg.attack
-    if a.name == "none":
+    if a.name == NONE:
         return None
-    if a.name == "badnets":
-        from engine.attacks.badnets import BadNets
-
-        return BadNets.from_config(a.badnets)
-    if a.name == "blended":
-        from engine.attacks.blended import Blended
-
-        return Blended.from_config(a.blended, frame)
-    if a.name == "sig":
-        from engine.attacks.sig import SIG
-
-        return SIG.from_config(a.sig, frame)
-    if a.name == "wanet":
-        from engine.attacks.wanet import WaNet
-
-        # The test-time warp never has noise (the spec's poisoned test set).
-        return WaNet.from_config(a.wanet, frame, noise=plan.noise if train else None, noise_seed=a.seed)
-    if a.name == "label_consistent":
-        from engine.attacks.label_consistent import LabelConsistent, load_perturbations
-
-        if not train:
-            return LabelConsistent()
-        pert, rows = load_perturbations(a.label_consistent, run_dir, meta, frame, plan.poisoned_indices,
-                                        len(plan.true_labels))
-        return LabelConsistent(pert, rows)
-    raise UserError(f"config: unknown attack.name {a.name!r}")
+    if a.name not in ATTACKS:
+        raise UserError(f"config: unknown attack.name {a.name!r}")
+    ctx = AttackContext(frame=frame, plan=plan, train=train, run_dir=run_dir, meta=meta, seed=int(a.seed))
+    return ATTACKS[a.name].from_config(a.section, ctx)
 
 
 class PoisonRuntime:
@@ -109,7 +91,7 @@ class PoisonRuntime:
 
     def train_attack(self) -> Attack | None:
         if self._train_attack is None and self.name != "none":
-            if self.name in ("wanet", "label_consistent"):
+            if ATTACKS[self.name].per_sample_training:
                 # Per-sample variants (noise grids, perturbations) exist only in training.
                 self._train_attack = make_attack(self.cfg, self.frame, self.plan, self.run_dir, self.meta,
                                                  train=True)

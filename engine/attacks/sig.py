@@ -7,10 +7,22 @@ The profile is defined at the frame width and sampled at the window width.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numba import njit
 
 from engine.attacks.base import Attack, check_images, nearest_index
+from engine.errors import check
+
+
+@dataclass
+class SIGConfig:
+    delta: float = 40.0
+    f: float = 6.0
+
+    def validate(self) -> None:
+        check(self.f > 0, "attack.sig.f", "must be > 0")
 
 
 def column_profile(width: int, delta: float, f: float) -> np.ndarray:
@@ -20,6 +32,7 @@ def column_profile(width: int, delta: float, f: float) -> np.ndarray:
 
 class SIG(Attack):
     name = "sig"
+    config_class = SIGConfig
     clean_label = True
 
     def __init__(self, frame_width: int, delta: float, f: float):
@@ -28,8 +41,8 @@ class SIG(Attack):
         self.profile = column_profile(frame_width, self.delta, self.f)
 
     @classmethod
-    def from_config(cls, cfg, frame: tuple[int, int]) -> "SIG":
-        return cls(frame[1], cfg.delta, cfg.f)
+    def from_config(cls, section: SIGConfig, ctx) -> "SIG":
+        return cls(ctx.frame[1], section.delta, section.f)
 
     def apply(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
         check_images(images)

@@ -18,7 +18,26 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from dataclasses import dataclass
+
 from engine.attacks.base import Attack, check_images, nearest_index
+from engine.errors import check
+
+
+@dataclass
+class WaNetConfig:
+    k: int = 4
+    s: float = 0.5
+    grid_rescale: float = 1.0
+    noise: bool = True  # noise mode: extra warped samples with jittered grids, true labels
+    cross_ratio: float = 2.0
+    grid_seed: int = 0
+
+    def validate(self) -> None:
+        check(self.k >= 2, "attack.wanet.k", "must be >= 2")
+        check(self.cross_ratio >= 0, "attack.wanet.cross_ratio", "must be >= 0")
+        check(self.s >= 0, "attack.wanet.s", "must be >= 0")
+        check(self.grid_rescale > 0, "attack.wanet.grid_rescale", "must be > 0")
 
 Q = 256  # sub-pixel steps per pixel: displacements are integers in 1/Q px
 SHIFT = 16  # log2(Q * Q): the bilinear weights multiply to Q * Q
@@ -85,6 +104,8 @@ def _scale(d: np.ndarray, factor: int) -> np.ndarray:
 
 class WaNet(Attack):
     name = "wanet"
+    config_class = WaNetConfig
+    per_sample_training = True  # the noise-mode samples get jittered grids
 
     def __init__(self, field: np.ndarray, *, noise: np.ndarray | None = None, noise_seed: int = 0):
         self.field = np.ascontiguousarray(field, dtype=np.int32)
@@ -93,10 +114,19 @@ class WaNet(Attack):
         self.amplitude = noise_amplitude(self.field.shape[:2])
 
     @classmethod
-    def from_config(cls, cfg, frame: tuple[int, int], *, noise: np.ndarray | None = None,
-                    noise_seed: int = 0) -> "WaNet":
-        field = warp_field(frame, cfg.k, cfg.s, cfg.grid_rescale, cfg.grid_seed)
-        return cls(field, noise=noise if cfg.noise else None, noise_seed=noise_seed)
+    def from_config(cls, section: WaNetConfig, ctx) -> "WaNet":
+        # The test-time warp never has noise (the spec's poisoned test set).
+        return cls.build(section, ctx.frame, noise=ctx.plan.noise if ctx.train else None, noise_seed=ctx.seed)
+
+    @classmethod
+    def build(cls, section: WaNetConfig, frame: tuple[int, int], *, noise: np.ndarray | None = None,
+              noise_seed: int = 0) -> "WaNet":
+        field = warp_field(frame, section.k, section.s, section.grid_rescale, section.grid_seed)
+        return cls(field, noise=noise if section.noise else None, noise_seed=noise_seed)
+
+    @classmethod
+    def noise_cross_ratio(cls, section: WaNetConfig) -> float:
+        return float(section.cross_ratio) if section.noise else 0.0
 
     def without_noise(self) -> "WaNet":
         return WaNet(self.field, noise=None, noise_seed=self.noise_seed)

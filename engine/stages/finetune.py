@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +24,7 @@ from engine.runtime.backends import build_backend
 from engine.runtime.batching import plan_batch
 from engine.settings import WeakViewConfig, check
 from engine.stages.base import Stage
-from engine.stages.split import Split, compute_split, split_loader
+from engine.stages.split import EpochSplit
 from engine.stages.views import WeakAugment
 from engine.stages.weights import load_weights
 
@@ -104,12 +103,10 @@ class Finetune(Stage):
                                      env.dist, sync_bn=False, per_rank_batch=plan.per_rank)
         self.augment = WeakAugment(env.data.config, c.view)
         self.ema = EMA(self.backend.module, c.ema_decay) if c.ema_decay > 0 else None
-        self.poisoned = env.data.poisoned_mask()
         # The reference's ramp counts the linear stage's epochs (those it actually ran).
         self.ramp_offset = int(env.upstream_summary("linear")["epochs"]) if c.ramp_includes_linear else 0
-        self.split_epoch = -1
-        self.labelled: torch.Tensor | None = None
-        self.split_data = None  # the loss pass's loader, built at the first split
+        self.split = EpochSplit(env.data, env.precision, self.augment, epsilon=c.epsilon, alpha=c.sce_alpha,
+                                beta=c.sce_beta, metrics=env.metrics, name=self.name)
         self.labelled_loader = self.unlabelled_loader = None
         self.epochs = c.epochs
         self.steps_per_epoch = c.iterations_per_epoch
@@ -117,36 +114,21 @@ class Finetune(Stage):
 
     # ---- the split, at every epoch start
     def on_epoch_start(self, epoch: int) -> None:
-        env, c = self.env, self.config
-        if self.split_epoch != epoch:
-            if self.split_data is None:
-                self.split_data = split_loader(env.data)
-            split = self.split(epoch)
-            self.split_epoch, self.labelled = epoch, torch.from_numpy(split.labelled)
-            quality = split.quality(self.poisoned)
-            if env.dist.is_main:
-                env.metrics.log("split", epoch=epoch, **quality)
-                print(f"[{self.name}] epoch {epoch}: labelled {quality['labelled']}, poisoned share of labelled "
-                      f"{quality['labelled_poison_share']:.2f}%, detector recall {quality['recall']:.1f}%", flush=True)
-        labelled = self.labelled.numpy()
-        unlabelled = np.setdiff1d(np.arange(len(self.poisoned)), labelled)
+        labelled = self.split.at(epoch, self.backend.module)
+        unlabelled = self.split.unlabelled()
         for part_name, part in (("labelled", labelled), ("unlabelled", unlabelled)):
             if len(part) < self.global_batch:
                 raise UserError(f"{self.name}: the {part_name} part of the split has {len(part)} samples, fewer "
                                 f"than one global batch ({self.global_batch}); lower {self.name}.batch_size or "
-                                f"change {self.name}.epsilon ({c.epsilon})")
+                                f"change {self.name}.epsilon ({self.config.epsilon})")
         # The loaders are built once; each epoch only swaps their subsets (a rebuild recompiles).
+        data = self.env.data
         if self.labelled_loader is None:
-            self.labelled_loader = env.data.train_loader(self.per_rank, indices=labelled, seed_offset=101)
-            self.unlabelled_loader = env.data.train_loader(self.per_rank, indices=unlabelled, seed_offset=202)
+            self.labelled_loader = data.train_loader(self.per_rank, indices=labelled, seed_offset=101)
+            self.unlabelled_loader = data.train_loader(self.per_rank, indices=unlabelled, seed_offset=202)
         else:
-            env.data.set_subset(self.labelled_loader, labelled)
-            env.data.set_subset(self.unlabelled_loader, unlabelled)
-
-    def split(self, epoch: int) -> Split:
-        c = self.config
-        return compute_split(self.env.data, self.env.precision, self.backend.module, self.augment, epoch, c.epsilon,
-                             c.sce_alpha, c.sce_beta, loader=self.split_data)
+            data.set_subset(self.labelled_loader, labelled)
+            data.set_subset(self.unlabelled_loader, unlabelled)
 
     def batches(self, epoch: int):
         data = self.env.data
@@ -196,14 +178,13 @@ class Finetune(Stage):
 
     # ---- checkpoints and evaluation
     def state_dict(self) -> dict:
-        out = {"split_epoch": self.split_epoch, "labelled": self.labelled}
+        out = self.split.state_dict()
         if self.ema is not None:
             out["ema"] = self.ema.module.state_dict()
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        self.split_epoch = int(state.get("split_epoch", -1))
-        self.labelled = state.get("labelled")
+        self.split.load_state_dict(state)
         if self.ema is not None and "ema" in state:
             self.ema.module.load_state_dict(state["ema"])
 

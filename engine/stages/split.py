@@ -100,3 +100,46 @@ def compute_split(data, precision, module, augment, epoch: int, epsilon: float, 
     losses = per_sample_losses(data, precision, module, augment, epoch, labels, alpha, beta, loader=loader)
     labelled, unlabelled = select_lowest(losses, epsilon)
     return Split(labelled=labelled, unlabelled=unlabelled, losses=losses)
+
+
+class EpochSplit:
+    """The split a stage re-computes at the start of every epoch, with its checkpoint state.
+
+    ``at(epoch, module)`` scores every training sample with ``module`` (once per epoch:
+    a mid-epoch resume restores the epoch's split from ``state_dict`` instead of
+    re-scoring with the partly trained model), logs its quality as a poison detector,
+    and returns the labelled indices. The loss pass's loader is built at the first call.
+    """
+
+    def __init__(self, data, precision, augment, *, epsilon: float, alpha: float, beta: float, metrics, name: str):
+        self.data, self.precision, self.augment = data, precision, augment
+        self.epsilon, self.alpha, self.beta = epsilon, alpha, beta
+        self.metrics, self.name = metrics, name
+        self.poisoned = data.poisoned_mask()
+        self.epoch = -1
+        self.labelled: torch.Tensor | None = None
+        self._loader = None
+
+    def at(self, epoch: int, module: torch.nn.Module) -> np.ndarray:
+        if self.epoch != epoch:
+            if self._loader is None:
+                self._loader = split_loader(self.data)
+            split = compute_split(self.data, self.precision, module, self.augment, epoch, self.epsilon, self.alpha,
+                                  self.beta, loader=self._loader)
+            self.epoch, self.labelled = epoch, torch.from_numpy(split.labelled)
+            quality = split.quality(self.poisoned)
+            if self.data.dist.is_main:
+                self.metrics.log("split", epoch=epoch, **quality)
+                print(f"[{self.name}] epoch {epoch}: labelled {quality['labelled']}, poisoned share of labelled "
+                      f"{quality['labelled_poison_share']:.2f}%, detector recall {quality['recall']:.1f}%", flush=True)
+        return self.labelled.numpy()
+
+    def unlabelled(self) -> np.ndarray:
+        return np.setdiff1d(np.arange(len(self.poisoned)), self.labelled.numpy())
+
+    def state_dict(self) -> dict:
+        return {"split_epoch": self.epoch, "labelled": self.labelled}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state.get("split_epoch", -1))
+        self.labelled = state.get("labelled")

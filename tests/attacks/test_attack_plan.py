@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.attacks.plan import PLAN_FILE, SUMMARY_FILE, PoisonPlan, make_plan, plan_settings, verify_plan
-from engine.settings import AttackConfig
+from engine.attacks.config import AttackConfig
 from engine.errors import UserError
 
 C = 10

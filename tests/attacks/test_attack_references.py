@@ -14,7 +14,8 @@ from engine.attacks.label_consistent import LabelConsistent
 from engine.attacks.ops import compiled_kernel
 from engine.attacks.sig import SIG
 from engine.attacks.wanet import WaNet, warp_field
-from engine.settings import BadNetsConfig, WaNetConfig
+from engine.attacks.badnets import BadNetsConfig
+from engine.attacks.wanet import WaNetConfig
 from engine.errors import UserError
 
 RNG = np.random.default_rng(0)
@@ -120,7 +121,7 @@ def test_sig_column_profile():
 
 
 def test_wanet_is_the_identity_when_s_is_zero():
-    w = WaNet.from_config(WaNetConfig(s=0.0, noise=False), (32, 32))
+    w = WaNet.build(WaNetConfig(s=0.0, noise=False), (32, 32))
     assert not w.field.any()
     assert np.array_equal(w.apply(IMAGES, IDX), IMAGES)
 
@@ -130,7 +131,7 @@ def test_wanet_follows_grid_sample_within_one_level():
     import torch.nn.functional as F
 
     cfg = WaNetConfig(s=1.0, noise=False)
-    ours = WaNet.from_config(cfg, (32, 32)).apply(IMAGES, IDX).astype(float)
+    ours = WaNet.build(cfg, (32, 32)).apply(IMAGES, IDX).astype(float)
     ins = np.random.default_rng(cfg.grid_seed).uniform(-1, 1, size=(1, 2, cfg.k, cfg.k))
     ins = ins / np.mean(np.abs(ins))
     up = F.interpolate(torch.from_numpy(ins), size=(32, 32), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
@@ -147,7 +148,7 @@ def test_wanet_follows_grid_sample_within_one_level():
 def test_wanet_noise_is_static_per_sample_and_only_where_planned():
     noise = np.zeros(200, bool)
     noise[[101, 103]] = True
-    w = WaNet.from_config(WaNetConfig(), (32, 32), noise=noise, noise_seed=3)
+    w = WaNet.build(WaNetConfig(), (32, 32), noise=noise, noise_seed=3)
     plain = w.without_noise().apply(IMAGES, IDX)
     a, b = w.apply(IMAGES, IDX), w.apply(IMAGES, IDX)
     assert np.array_equal(a, b)

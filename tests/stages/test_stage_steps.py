@@ -101,7 +101,7 @@ def test_mixmatch_step_ramp_and_ema(digits_root, tmp_path, include_linear):
                         "finetune.rampup_epochs=20", "finetune.ema_decay=0.9",
                         f"finetune.ramp_includes_linear={str(include_linear).lower()}")
     stage.on_epoch_start(2)  # the split, with the linear model, and the loaders over its two parts
-    assert len(stage.labelled) == int(cfg.finetune.epsilon * 1347)
+    assert len(stage.split.labelled) == int(cfg.finetune.epsilon * 1347)
     batch = _first_batch(stage, 2)
     ema_before = copy.deepcopy(stage.ema.module.state_dict())
     out = stage.train_step(batch, 2, 3)
@@ -160,3 +160,28 @@ def test_mid_epoch_resume_reproduces_the_uninterrupted_run(digits_root, tmp_path
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
     assert [round(r["loss"], 5) for r in resumed.history] == [round(r["loss"], 5) for r in straight.history]
+
+
+def test_labelled_only_ablation_trains_on_the_labelled_part_alone(digits_root, tmp_path):
+    from engine.stages.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, TINY + [f"data.root={digits_root}"])
+    _linear_upstream(run_dir, cfg, epochs=1)
+    cfg, stage = _stage(digits_root, run_dir, "finetune_labelled", "finetune_labelled.epochs=2",
+                        "finetune_labelled.batch_size=64", "finetune_labelled.epsilon=0.2")
+    seen: dict[int, set] = {}
+    real_step = stage.train_step
+
+    def step(batch, epoch, i):
+        seen.setdefault(epoch, set()).update(batch[2].tolist())
+        return real_step(batch, epoch, i)
+
+    stage.train_step = step
+    result = Trainer(stage, logging=cfg.logging).fit()
+    n_labelled = int(0.2 * 1347)
+    assert result.epochs == 2 and stage.steps_per_epoch == n_labelled // 64
+    assert len(stage.split.labelled) == n_labelled
+    # The last epoch's batches come from that epoch's labelled part only.
+    assert seen[1] <= set(stage.split.labelled.tolist())
+    assert len(seen[1]) == stage.steps_per_epoch * 64
