@@ -67,12 +67,16 @@ class RunData:
     def _train_ops(self):
         return self.poison.train_ops() if self.poison is not None else None
 
-    def train_loader(self, per_rank_batch: int, *, indices: Sequence[int] | None = None, seed_offset: int = 0):
+    def train_loader(self, per_rank_batch: int, *, indices: Sequence[int] | None = None, stream: str = "train"):
         """The (poisoned) training set or a subset of it, shuffled per epoch, sharded by rank.
 
-        ``seed_offset`` gives loaders over the same data independent orders."""
+        Its order is the seed stream ``order/<stream>``: loaders with different
+        ``stream`` names have independent orders."""
+        from engine.runtime.seeds import stream_seed
+
         return self._loader("train", per_rank_batch, shuffle=True, drop_last=True, indices=indices,
-                            seed=self.seed + seed_offset, sharded=True, train=True, poison_ops=self._train_ops())
+                            seed=stream_seed(self.seed, f"order/{stream}"), sharded=True, train=True,
+                            poison_ops=self._train_ops())
 
     def scoring_loader(self, indices: Sequence[int]):
         """Training samples in index order, as training frames them (the split's loss pass)."""
@@ -109,12 +113,15 @@ class RunData:
             it.close()
 
     @classmethod
-    def endless(cls, loader, base: int) -> Iterator:
-        """Batches without end: the loader restarts with a new epoch order each time it
-        runs out (orders ``base * 1000 + k``, k = 0, 1, ...)."""
+    def endless(cls, loader, epoch: int) -> Iterator:
+        """Batches without end for training epoch ``epoch``: the loader restarts with a
+        new order each time it runs out (pass k of the epoch is order ``(epoch, k)``,
+        folded into one number that no other (epoch, k) gives)."""
+        from kernels import mix_seed
+
         k = 0
         while True:
-            yield from cls.epoch(loader, base * 1000 + k)
+            yield from cls.epoch(loader, mix_seed(epoch, k, 0, 0))
             k += 1
 
     def train_labels(self) -> np.ndarray:

@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 from engine.fsutil import atomic_path
+from engine.runtime.seeds import numpy_stream
 from engine.stages.views import eval_view
 
 
 
 def feature_sample(poisoned: np.ndarray, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng([seed, 7])
+    rng = numpy_stream(seed, "feature_sample")
     pois = np.flatnonzero(poisoned)
     clean = np.flatnonzero(~poisoned)
     take_p = rng.permutation(pois)[: min(len(pois), n // 2)]

@@ -22,6 +22,7 @@ from engine.losses.mixmatch import interleave, linear_rampup, mixmatch_loss, mix
 from engine.models import Classifier
 from engine.runtime.backends import build_backend
 from engine.runtime.batching import plan_batch
+from engine.runtime.seeds import seed_stream
 from engine.settings import WeakViewConfig, check
 from engine.stages.base import Stage
 from engine.stages.split import EpochSplit
@@ -77,12 +78,6 @@ class EMA:
                 e.copy_(m)
 
 
-def mixup_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    from kernels import mix_seed
-
-    return mix_seed(seed, epoch, step, rank) & 0x7FFF_FFFF_FFFF_FFFF
-
-
 class Finetune(Stage):
     name = "finetune"
     config_class = FinetuneConfig
@@ -124,8 +119,8 @@ class Finetune(Stage):
         # The loaders are built once; each epoch only swaps their subsets (a rebuild recompiles).
         data = self.env.data
         if self.labelled_loader is None:
-            self.labelled_loader = data.train_loader(self.per_rank, indices=labelled, seed_offset=101)
-            self.unlabelled_loader = data.train_loader(self.per_rank, indices=unlabelled, seed_offset=202)
+            self.labelled_loader = data.train_loader(self.per_rank, indices=labelled, stream="mixmatch_labelled")
+            self.unlabelled_loader = data.train_loader(self.per_rank, indices=unlabelled, stream="mixmatch_unlabelled")
         else:
             data.set_subset(self.labelled_loader, labelled)
             data.set_subset(self.unlabelled_loader, unlabelled)
@@ -148,8 +143,8 @@ class Finetune(Stage):
         dev = env.dist.device
         x_img, u_img = x_img.to(dev, non_blocking=True), u_img.to(dev, non_blocking=True)
         kw = dict(seed=env.seed, epoch=epoch, step=step, rank=env.dist.rank)
-        xb = self.augment(x_img, salt=1, **kw)
-        ubs = [self.augment(u_img, salt=2 + k, **kw) for k in range(self.config.k_views)]
+        xb = self.augment(x_img, purpose="mixmatch_labelled_view", **kw)
+        ubs = [self.augment(u_img, purpose=f"mixmatch_unlabelled_view_{k}", **kw) for k in range(self.config.k_views)]
         return xb, ubs, x_lab.to(dev)
 
     def update(self, inputs, epoch: int, step: int) -> dict:
@@ -162,7 +157,7 @@ class Finetune(Stage):
             guess = sharpen(sum(probs) / len(probs), c.temperature)
         targets = torch.cat([F.one_hot(x_lab, env.num_classes).float()] + [guess] * c.k_views)
         inputs = torch.cat([xb] + ubs)
-        gen = torch.Generator().manual_seed(mixup_seed(env.seed, epoch, step, env.dist.rank))
+        gen = seed_stream(env.seed, "mixup", epoch, step, env.dist.rank)
         mixed_x, mixed_y, _ = mixup(inputs, targets, c.mixup_alpha, generator=gen)
         chunks = interleave(list(torch.split(mixed_x, B)), B)
         logits = interleave(backend.forward_each(chunks), B)

@@ -74,7 +74,7 @@ class FinetuneLabelled(ClassifierStage):
     def on_epoch_start(self, epoch: int) -> None:
         labelled = self.split.at(epoch, self.backend.module)
         if self.loader is None:
-            self.loader = self.env.data.train_loader(self.per_rank, indices=labelled, seed_offset=101)
+            self.loader = self.env.data.train_loader(self.per_rank, indices=labelled, stream=self.name)
         else:
             self.env.data.set_subset(self.loader, labelled)
 

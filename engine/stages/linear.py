@@ -15,10 +15,9 @@ from torch import nn
 from engine.losses.sce import symmetric_cross_entropy
 from engine.models import Classifier
 from engine.runtime.backends import build_backend
-from engine.runtime.batching import plan_batch, steps_per_epoch
+from engine.runtime.batching import plan_batch
 from engine.settings import WeakViewConfig, check
 from engine.stages.classifier import ClassifierStage
-from engine.stages.views import WeakAugment
 from engine.stages.weights import load_weights
 
 
@@ -81,11 +80,7 @@ class Linear(ClassifierStage):
         self.backend = build_backend(model, lambda p: torch.optim.Adam([q for q in p if q.requires_grad], lr=lr),
                                      env.distributed, env.precision, env.dist, sync_bn=False,
                                      per_rank_batch=plan.per_rank)
-        self.loader = env.data.train_loader(plan.per_rank)
-        self.augment = WeakAugment(env.data.config, c.view)
-        self.epochs = c.epochs
-        self.steps_per_epoch = steps_per_epoch(env.data.meta.train_count, plan, c.iterations_per_epoch)
-        self.images_per_step = plan.global_batch
+        self.train_on_whole_set(plan, c.view, c.iterations_per_epoch)
 
     def loss(self, logits, labels):
         return symmetric_cross_entropy(logits, labels, self.config.sce_alpha, self.config.sce_beta)

@@ -116,12 +116,14 @@ class Pretrain(Stage):
 
     def views(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         """The step's two SimCLR views of this rank's uint8 images, as one 2B batch."""
-        from kernels import make_generator, sample_simclr_params, simclr_views
+        from kernels import sample_simclr_params, simclr_views
+
+        from engine.runtime.seeds import seed_stream
 
         dist = self.env.dist
         world, rank = dist.world_size, dist.rank
         b, h, w = images.shape[0], images.shape[1], images.shape[2]
-        gen = make_generator(self.env.seed, epoch, step, 0, images.device)
+        gen = seed_stream(self.env.seed, "simclr_views", epoch, step, 0, device=images.device)
         params = [_rows(sample_simclr_params(b * world, h, w, self.spec, gen), slice(rank, None, world))
                   for _ in range(2)]
         views, _ = simclr_views(images, self.spec, params=params, dtype=torch.float32)

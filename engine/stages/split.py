@@ -17,7 +17,6 @@ from engine.data.run_data import EVAL_BATCH
 from engine.losses.sce import symmetric_cross_entropy
 
 SPLIT_BATCH = EVAL_BATCH
-SPLIT_SALT = 7919  # keeps split views apart from the training views of the same step
 
 
 @dataclass
@@ -77,8 +76,9 @@ def per_sample_losses(data, precision, module: torch.nn.Module, augment, epoch: 
         was_training = module.training
         module.eval()
         for (images, y, indices), k in zip(loader, ks):
+            # Seeded by the global batch number alone, so every world size draws the same views.
             x = augment(images.to(dist.device, non_blocking=True), seed=data.seed, epoch=epoch, step=k, rank=0,
-                        salt=SPLIT_SALT)
+                        purpose="split_view")
             with precision.autocast(dist.device):
                 logits = module(x)
             loss = symmetric_cross_entropy(logits.float(), y.to(dist.device), alpha, beta, reduction="none")

@@ -46,15 +46,17 @@ class WeakAugment:
                                    mean=mean, std=std)
 
     def __call__(self, images: torch.Tensor, *, seed: int, epoch: int, step: int, rank: int,
-                 salt: int = 0) -> torch.Tensor:
+                 purpose: str = "train_view") -> torch.Tensor:
         from kernels import WeakSpec, simclr_views, weak_view
 
-        # ``salt`` separates several views drawn at the same step (MixMatch's K views).
-        s = seed * 1000 + salt
+        from engine.runtime.seeds import seed_stream
+
+        # ``purpose`` separates several views drawn at the same step (MixMatch's K views).
+        gen = seed_stream(seed, purpose, epoch, step, rank, device=images.device)
         if isinstance(self.spec, WeakSpec):
-            out, _ = weak_view(images, self.spec, seed=s, epoch=epoch, step=step, rank=rank)
+            out, _ = weak_view(images, self.spec, generator=gen)
             return out
-        views, _ = simclr_views(images, self.spec, n_views=1, seed=s, epoch=epoch, step=step, rank=rank)
+        views, _ = simclr_views(images, self.spec, n_views=1, generator=gen)
         return views[0]
 
 
