@@ -30,12 +30,20 @@ import abc
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 from torch import nn
 
 from engine.errors import UserError
 from engine.rundir import DONE, MODEL
+
+if TYPE_CHECKING:  # the types only; importing them at run time would pull in FFCV and numba
+    from engine.attacks.runtime import PoisonRuntime
+    from engine.data.run_data import RunData
+    from engine.report.metrics import MetricsWriter
+    from engine.runtime.launch import DistInfo
+    from engine.runtime.precision import Precision
+    from engine.settings import DistributedConfig, ModelConfig
 
 STAGES: dict[str, type["Stage"]] = {}
 
@@ -48,13 +56,13 @@ class StageEnv:
     name: str
     run_dir: Path
     seed: int
-    precision: Any  # engine.runtime.precision.Precision
-    dist: Any  # engine.runtime.launch.DistInfo
-    data: Any  # engine.data.run_data.RunData
-    poison: Any  # engine.attacks.runtime.PoisonRuntime, None for clean data
-    model: Any  # the ``model`` config section
-    distributed: Any  # the ``distributed`` config section
-    metrics: Any  # engine.report.metrics.MetricsWriter, with stage=name
+    precision: Precision
+    dist: DistInfo
+    data: RunData
+    poison: PoisonRuntime | None  # None for clean data
+    model: ModelConfig  # the ``model`` config section
+    distributed: DistributedConfig  # the ``distributed`` config section
+    metrics: MetricsWriter  # with stage=name
 
     @property
     def stage_dir(self) -> Path:
