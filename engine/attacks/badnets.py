@@ -38,12 +38,12 @@ WHITE, BLACK = 255, 0
 PRESETS = {
     # BackdoorBench's default: a 3x3 white square in the bottom-right corner.
     "white3x3": (np.full((3, 3, 3), WHITE, np.uint8), None, "bottom_right"),
-    # The DBD reference's CIFAR trigger: a 2x2 multicoloured patch at rows/cols 4-5,
-    # each channel replaced only where it is non-zero. Its image file is not
-    # redistributed; these four colours give the same structure (some pixels touch
-    # one channel, some two).
-    "dbd2x2": (np.array([[[255, 0, 0], [0, 255, 0]],
-                         [[0, 0, 255], [255, 255, 0]]], np.uint8), None, "4,4"),
+    # The DBD reference's CIFAR trigger (its data/trigger/cifar_1.png): a 2x2 patch at
+    # rows/cols 4-5 with these colours, row-major. The reference replaces each channel
+    # where the trigger image is non-zero; every channel here is non-zero, so all 12
+    # values replace the image's.
+    "dbd2x2": (np.array([[[180, 249, 112], [155, 50, 126]],
+                         [[234, 82, 68], [187, 201, 219]]], np.uint8), None, "4,4"),
 }
 
 POSITIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "center")

@@ -2,8 +2,10 @@
 
 Clean-label: target-class training images are first made hard to learn with a PGD
 adversarial perturbation (L-inf eps 8/255, step 1.5/255, 100 steps, against a trained
-classifier), then get the trigger: a 3x3 checkerboard in each of the four corners at
-full amplitude (replacing the pixels). At test time the trigger comes alone.
+classifier), then get the trigger: the original "all-corners" pattern, a 3x3 pattern
+of full-amplitude pixels (255 or 0, replacing the image's) in each of the four
+corners, each corner with its own pattern (Turner et al.'s code, as BackdoorBench's
+``utils/bd_img_transform/lc.py`` carries it). At test time the trigger comes alone.
 
 ``dbd attack-prepare`` runs the PGD once, for every target-class training image (so
 the cache serves any poisoning ratio), and caches the perturbations as int8 levels:
@@ -54,17 +56,26 @@ class LabelConsistentConfig:
 _NOT_TRIGGER = ("model", "perturbations", "train_epochs", "train_lr", "batch_size")
 
 CORNER_FRAME = 32  # the corner patterns are defined at 32 px and scaled with the image
-CHECKER = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=np.uint8) * 255
+# The four corners of the original pattern, rows top to bottom and columns left to
+# right within each 3x3 corner (1 = 255, 0 = 0). They are not one pattern copied four
+# times: the original's 36 (row, column, +1/-1) entries give these.
+CORNERS = {
+    "top_left": [[1, 0, 0], [0, 1, 0], [1, 0, 1]],
+    "top_right": [[0, 0, 1], [0, 1, 0], [1, 0, 1]],
+    "bottom_left": [[1, 0, 0], [0, 1, 0], [1, 0, 1]],
+    "bottom_right": [[0, 0, 1], [0, 1, 0], [1, 0, 1]],
+}
 
 
 def corner_trigger(frame: int = CORNER_FRAME) -> tuple[np.ndarray, np.ndarray]:
     pattern = np.zeros((frame, frame, 3), np.uint8)
     mask = np.zeros((frame, frame, 3), bool)
-    n = CHECKER.shape[0]
-    for r0 in (0, frame - n):
-        for c0 in (0, frame - n):
-            pattern[r0:r0 + n, c0:c0 + n] = CHECKER[..., None]
-            mask[r0:r0 + n, c0:c0 + n] = True
+    n = 3
+    places = {"top_left": (0, 0), "top_right": (0, frame - n), "bottom_left": (frame - n, 0),
+              "bottom_right": (frame - n, frame - n)}
+    for corner, (r0, c0) in places.items():
+        pattern[r0:r0 + n, c0:c0 + n] = (np.array(CORNERS[corner], np.uint8) * 255)[..., None]
+        mask[r0:r0 + n, c0:c0 + n] = True
     return pattern, mask
 
 

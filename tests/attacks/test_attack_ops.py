@@ -72,6 +72,12 @@ def test_raw_train_loader_matches_reference_every_epoch(digits_root, digits_runt
     assert np.array_equal(second[1][order], labels[np.argsort(indices)])
     if rt.name in ("sig", "label_consistent"):
         assert np.array_equal(labels, rt.plan.true_labels[indices])
+    if rt.name == "badnets":
+        # The loader's own output at the DBD reference trigger's 12 values (cifar_1.png).
+        poisoned = images[rt.train_selected[indices]]
+        want = {(4, 4): (180, 249, 112), (4, 5): (155, 50, 126), (5, 4): (234, 82, 68), (5, 5): (187, 201, 219)}
+        for (r, c), rgb in want.items():
+            assert (poisoned[:, r, c] == np.array(rgb, np.uint8)).all()
 
 
 def test_raw_poisoned_test_set(digits_root, digits_runtime):

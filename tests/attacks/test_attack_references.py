@@ -31,10 +31,14 @@ def test_badnets_white3x3_replaces_exactly_the_bottom_right_square():
     assert np.array_equal(out[:, ~changed], IMAGES[:, ~changed])
 
 
-def test_badnets_dbd2x2_replaces_only_non_zero_channels_at_rows_4_5():
+# The DBD reference's data/trigger/cifar_1.png: rows 4-5, columns 4-5, row-major.
+DBD_CIFAR_TRIGGER = {(4, 4): (180, 249, 112), (4, 5): (155, 50, 126), (5, 4): (234, 82, 68), (5, 5): (187, 201, 219)}
+
+
+def test_badnets_dbd2x2_is_the_reference_trigger_at_rows_4_5():
     out = BadNets.from_config(BadNetsConfig(pattern="dbd2x2")).apply(IMAGES, IDX)
-    assert (out[:, 4, 4, 0] == 255).all() and np.array_equal(out[:, 4, 4, 1:], IMAGES[:, 4, 4, 1:])
-    assert (out[:, 5, 5, :2] == 255).all() and np.array_equal(out[:, 5, 5, 2], IMAGES[:, 5, 5, 2])
+    for (r, c), rgb in DBD_CIFAR_TRIGGER.items():
+        assert (out[:, r, c] == np.array(rgb, np.uint8)).all()
     outside = np.ones((32, 32), bool)
     outside[4:6, 4:6] = False
     assert np.array_equal(out[:, outside], IMAGES[:, outside])
@@ -160,20 +164,41 @@ def test_wanet_noise_is_static_per_sample_and_only_where_planned():
     assert not np.array_equal(twice[0], twice[1])
 
 
-def test_label_consistent_corner_pattern_and_perturbation():
-    zeros = np.zeros((1, 32, 32, 3), np.uint8)
-    out = LabelConsistent().apply(zeros, np.array([0]))[0, :, :, 0]
-    checker = np.array([[255, 0, 255], [0, 255, 0], [255, 0, 255]])
-    for rows in (slice(0, 3), slice(29, 32)):
-        for cols in (slice(0, 3), slice(29, 32)):
-            assert np.array_equal(out[rows, cols], checker)
-    assert out[3:29].max() == 0 and out[:, 3:29].max() == 0
+# The original "all-corners" trigger as BackdoorBench's lc.py lists it: ((row, col), +1/-1)
+# with negative indices from the far edge; +1 sets 255, -1 sets 0 (at full amplitude).
+ALL_CORNERS = [
+    ((0, 0), 1), ((0, 1), -1), ((0, 2), -1), ((1, 0), -1), ((1, 1), 1), ((1, 2), -1),
+    ((2, 0), 1), ((2, 1), -1), ((2, 2), 1),
+    ((-1, 0), 1), ((-1, 1), -1), ((-1, 2), 1), ((-2, 0), -1), ((-2, 1), 1), ((-2, 2), -1),
+    ((-3, 0), 1), ((-3, 1), -1), ((-3, 2), -1),
+    ((0, -1), 1), ((0, -2), -1), ((0, -3), -1), ((1, -1), -1), ((1, -2), 1), ((1, -3), -1),
+    ((2, -1), 1), ((2, -2), -1), ((2, -3), 1),
+    ((-1, -1), 1), ((-1, -2), -1), ((-1, -3), 1), ((-2, -1), -1), ((-2, -2), 1), ((-2, -3), -1),
+    ((-3, -1), 1), ((-3, -2), -1), ((-3, -3), -1),
+]
+
+
+def test_label_consistent_corner_pattern_is_the_original_36_entries():
+    for fill in (0, 128, 255):
+        img = np.full((1, 32, 32, 3), fill, np.uint8)
+        out = LabelConsistent().apply(img, np.array([0]))[0]
+        want = img[0].astype(np.int64)
+        for (r, c), v in ALL_CORNERS:
+            want[r, c] = 255 if v > 0 else 0
+        np.testing.assert_array_equal(out, want)
+    # The four pixels the old copied checkerboard got wrong are 0 in the original.
+    out = LabelConsistent().apply(np.zeros((1, 32, 32, 3), np.uint8), np.array([0]))[0, :, :, 0]
+    assert all(out[r, c] == 0 for r, c in ((0, 2), (0, 29), (29, 2), (29, 29)))
+
+
+def test_label_consistent_perturbation_under_the_trigger():
+    top_left = np.array([[255, 0, 0], [0, 255, 0], [255, 0, 255]])
     delta = np.full((1, 32, 32, 3), 5, np.int8)
     rows = np.array([-1, 0], np.int32)
     mid = np.full((2, 32, 32, 3), 100, np.uint8)
     got = LabelConsistent(delta, rows).apply(mid, np.array([0, 1]))
     assert (got[0, 10:20, 10:20] == 100).all() and (got[1, 10:20, 10:20] == 105).all()
-    assert np.array_equal(got[1, :3, :3, 0], checker)  # the trigger goes over the perturbation
+    assert np.array_equal(got[1, :3, :3, 0], top_left)  # the trigger goes over the perturbation
 
 
 @functools.lru_cache(maxsize=1)
