@@ -63,6 +63,26 @@ def crop_ratio(train: bool) -> float:
     return 1.0 if train else EVAL_CROP_RATIO
 
 
+_warned_threads: set[tuple[int, int]] = set()
+
+
+def usable_threads(requested: int, what: str = "data.num_workers") -> int:
+    """``requested`` capped at the cores this process may run on (FFCV refuses more
+    threads than cores), with one warning line per distinct cap."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    if requested <= cores:
+        return requested
+    if (requested, cores) not in _warned_threads:
+        _warned_threads.add((requested, cores))
+        print(f"warning: {what}={requested} but only {cores} cores are available: using {cores}", flush=True)
+    return cores
+
+
 def beton_path(root: str | Path, split: str) -> Path:
     return Path(root) / f"{split}.beton"
 
@@ -96,7 +116,7 @@ def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
     return Loader(
         str(path),
         batch_size=spec.batch_size,
-        num_workers=spec.num_workers,
+        num_workers=usable_threads(spec.num_workers),
         os_cache=spec.os_cache,
         order=order,
         indices=None if spec.indices is None else np.asarray(spec.indices, dtype=np.int64),
