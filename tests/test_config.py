@@ -84,3 +84,13 @@ def test_cli_unknown_key_is_one_line(tmp_path):
                         "pretrain.epoch=3"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: config: unknown key 'pretrain.epoch'; did you mean 'pretrain.epochs'?"
+
+
+def test_every_preset_loads_and_trains_in_fp32():
+    """Presets are the reference experiment: fp32, whatever the speed overrides."""
+    repo = Path(__file__).resolve().parents[1]
+    presets = sorted((repo / "configs").rglob("*.yaml"))
+    assert len(presets) >= 15
+    for path in presets:
+        cfg = load_config(path)
+        assert cfg.precision == "fp32", path
