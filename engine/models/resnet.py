@@ -26,6 +26,18 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
+def reference_init(module: nn.Module) -> None:
+    """The DBD reference's initialisation of its CIFAR ResNet: every convolution
+    ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``, every BatchNorm weight 1
+    and bias 0 (PyTorch's default for convolutions is kaiming_uniform with a=sqrt(5))."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
 class CifarResNet18(nn.Module):
     """ResNet-18 for 32 px inputs; ``width`` scales every stage (64 = the standard net)."""
 
@@ -41,6 +53,7 @@ class CifarResNet18(nn.Module):
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.feature_dim = in_planes
+        reference_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
