@@ -3,10 +3,11 @@
 Arrays: ``images`` uint8 (n, H, W, 3), ``labels`` (after poisoning), ``true_labels``,
 ``poisoned`` (bool: trigger and, for dirty-label attacks, the new label), ``noise``
 (bool: WaNet noise-mode samples, triggered with their true label), ``indices`` (the
-dataset index of each row); plus ``attack``, ``target`` and ``split``. The train split
-is the poisoned training set; the test split is the poisoned test set (every test
-image whose label is not the target, triggered, labels kept), or the clean test set
-when the attack is ``none``.
+dataset index of each row), ``targets`` (test split: each image's attack target, the
+label ASR is scored against: the target class, or (y + 1) mod C for all-to-all); plus
+``attack``, ``target`` and ``split``. The train split is the poisoned training set; the
+test split is the poisoned test set (every test image whose label is not its target,
+triggered, labels kept), or the clean test set when the attack is ``none``.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def export_poisoned(cfg, runtime, split: str, out: str | Path, *, limit: int | N
         indices = np.flatnonzero(runtime.train_selected) if poisoned_only else np.arange(len(plan.true_labels))
         ops = runtime.train_ops()
         true_labels, poisoned, noise = plan.true_labels, plan.poisoned, plan.noise
+        targets = np.where(plan.poisoned, plan.labels, -1)  # the label a poisoned sample is given
     else:
         n_test = len(runtime.test_labels)
         indices = runtime.poisoned_test_indices if runtime.name != "none" else np.arange(n_test)
@@ -59,6 +61,7 @@ def export_poisoned(cfg, runtime, split: str, out: str | Path, *, limit: int | N
         true_labels = runtime.test_labels
         poisoned = np.full(n_test, runtime.name != "none")
         noise = np.zeros(n_test, dtype=bool)
+        targets = runtime.test_targets if runtime.name != "none" else np.full(n_test, -1)
     if limit is not None:
         indices = indices[:limit]
     if len(indices) == 0:
@@ -68,6 +71,7 @@ def export_poisoned(cfg, runtime, split: str, out: str | Path, *, limit: int | N
         raise RuntimeError("the loader returned samples in an unexpected order")
     arrays = dict(images=images, labels=labels.astype(np.int64), true_labels=true_labels[got],
                   poisoned=poisoned[got], noise=noise[got], indices=got.astype(np.int64),
+                  targets=np.asarray(targets, dtype=np.int64)[got],
                   attack=np.array(runtime.name), target=np.int64(runtime.target), split=np.array(split))
     out = Path(out)
     with atomic_path(out) as tmp:

@@ -73,10 +73,20 @@ class PoisonRuntime:
         self.name = cfg.attack.name
         self.frame = frame_of(cfg, meta)
         self.test_labels = np.asarray(test_labels, dtype=np.int64)
+        # The attack's target of every test image: one class for all-to-one attacks,
+        # (y + 1) mod C for all-to-all (BackdoorBench's ASR over every test image).
+        self.all_to_all = plan.settings.get("label_mode") == "all_to_all"
+        n_classes = int(meta["num_classes"])
+        if self.all_to_all:
+            self.test_targets = (self.test_labels + 1) % n_classes
+        else:
+            self.test_targets = np.full(len(self.test_labels), self.target, dtype=np.int64)
         if self.name == "none":
             self.poisoned_test_indices = np.zeros(0, dtype=np.int64)
         else:
-            self.poisoned_test_indices = np.flatnonzero(self.test_labels != self.target).astype(np.int64)
+            # Images already of their target class say nothing about the trigger; for
+            # all-to-all no image is of its target, so the whole test set counts.
+            self.poisoned_test_indices = np.flatnonzero(self.test_labels != self.test_targets).astype(np.int64)
         # Built now so a bad trigger setting (a missing pattern file, a trigger that
         # does not fit) fails before any stage starts.
         self._test_attack = make_attack(cfg, self.frame, plan, run_dir, meta, train=False)

@@ -1,8 +1,9 @@
 """BA, ASR and RA (definitions in dbd.md), computed across ranks without duplicates.
 
 - BA: accuracy on the clean test set.
-- ASR: accuracy against the target label on the triggered test images whose true
-  label is not the target.
+- ASR: accuracy against the attack's target on the triggered test images whose true
+  label is not their target (all-to-one: the target class; all-to-all: (y + 1) mod C,
+  so every test image counts).
 - RA: accuracy of those same triggered images against their true labels.
 Each rank scores a disjoint stride of the test set; counts are summed across ranks,
 so the figures are exact whatever the world size.
@@ -29,7 +30,7 @@ class Evaluator:
             idx = np.asarray(poison.poisoned_test_indices)[dist.rank::dist.world_size]
             if len(idx):
                 self.poisoned = data.test_loader(idx, poisoned=True)
-            self.target = int(poison.target)
+            self.targets = torch.from_numpy(np.asarray(poison.test_targets, dtype=np.int64))
 
     @torch.no_grad()
     def __call__(self, module: torch.nn.Module) -> dict[str, float]:
@@ -42,9 +43,9 @@ class Evaluator:
                 counts[0] += (pred == labels).sum()
                 counts[1] += len(labels)
             if self.poisoned is not None:
-                for images, labels, _ in self.poisoned:
+                for images, labels, indices in self.poisoned:
                     pred = self._predict(module, images)
-                    counts[2] += (pred == self.target).sum()
+                    counts[2] += (pred == self.targets[indices]).sum()
                     counts[3] += (pred == labels).sum()
                     counts[4] += len(labels)
             counts = self.dist.all_reduce_sum(counts)
