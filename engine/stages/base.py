@@ -157,6 +157,10 @@ class Stage(abc.ABC):
         """Extra values for ``done.json``."""
         return {}
 
+    def save_outputs(self, stage_dir: Path) -> None:
+        """Rank 0, after training: files a later stage reads, besides ``model.pt``
+        (write them atomically, e.g. with ``engine.fsutil.torch_save``)."""
+
     # ---- checks on the config alone (preflight, before any work)
     @classmethod
     def batch_size(cls, config: Any) -> int:

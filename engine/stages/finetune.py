@@ -25,6 +25,7 @@ from engine.runtime.batching import plan_batch
 from engine.runtime.seeds import seed_stream
 from engine.settings import WeakViewConfig, check
 from engine.stages.base import Stage
+from engine.stages.linear import OPTIMIZER
 from engine.stages.split import EpochSplit
 from engine.stages.views import WeakAugment
 from engine.stages.weights import load_weights
@@ -47,6 +48,9 @@ class FinetuneConfig:
     # The ramp is indexed by the global epoch, linear-stage epochs included (reference).
     ramp_includes_linear: bool = True
     ema_decay: float = 0.0  # 0 = off (reference); 0.999 is MixMatch's default
+    # The reference keeps one Adam from the linear warm-up into MixMatch, so the head's
+    # moments (and step counts) carry over; false starts a fresh Adam (a deviation).
+    adam_from_linear: bool = True
     sce_alpha: float = 0.1  # split loss
     sce_beta: float = 1.0
     view: WeakViewConfig = field(default_factory=WeakViewConfig)
@@ -96,6 +100,8 @@ class Finetune(Stage):
         lr = plan.scale_lr(c.lr)
         self.backend = build_backend(model, lambda p: torch.optim.Adam(p, lr=lr), env.distributed, env.precision,
                                      env.dist, sync_bn=False, per_rank_batch=plan.per_rank)
+        if c.adam_from_linear:
+            self._continue_adam(env.run_dir / "linear" / OPTIMIZER)
         self.augment = WeakAugment(env.data.config, c.view)
         self.ema = EMA(self.backend.module, c.ema_decay) if c.ema_decay > 0 else None
         # The reference's ramp counts the linear stage's epochs (those it actually ran).
@@ -106,6 +112,31 @@ class Finetune(Stage):
         self.epochs = c.epochs
         self.steps_per_epoch = c.iterations_per_epoch
         self.images_per_step = plan.global_batch * 2
+
+    def _continue_adam(self, path) -> None:
+        """Load the linear stage's Adam state into this Adam, parameter by parameter."""
+        if not path.is_file():
+            raise UserError(f"{self.name}: {path} is missing, so the linear stage's Adam cannot carry over (the "
+                            f"reference keeps one Adam); rerun the linear stage, or set "
+                            f"{self.name}.adam_from_linear=false to start a fresh Adam")
+        optimizer = self.backend.optimizer
+        if not isinstance(optimizer, torch.optim.Adam) or optimizer.state:
+            raise RuntimeError(f"{self.name}: expected a fresh torch Adam to continue, got {type(optimizer).__name__}")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        params = dict(self.backend.module.named_parameters())
+        unknown = sorted(set(saved) - set(params))
+        if unknown:
+            raise UserError(f"{path} holds Adam state for parameters this model lacks ({unknown[:3]})")
+        optimized = {id(q) for group in optimizer.param_groups for q in group["params"]}
+        for name, state in saved.items():
+            p = params[name]
+            if id(p) not in optimized:
+                # ZeRO-1/2 and DeepSpeed's own bf16/fp16 modes optimise flattened copies.
+                raise UserError(f"{self.name}: this backend optimises flattened copies of the parameters, so the "
+                                f"linear stage's Adam state cannot be carried over; use a ZeRO-0 DeepSpeed config "
+                                f"or set {self.name}.adam_from_linear=false")
+            optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and k != "step" else v)
+                                  for k, v in state.items()}
 
     # ---- the split, at every epoch start
     def on_epoch_start(self, epoch: int) -> None:

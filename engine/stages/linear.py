@@ -62,6 +62,19 @@ class LinearProbe(nn.Module):
         return self.classifier(features.float())
 
 
+OPTIMIZER = "optimizer.pt"  # the head's Adam state, which fine-tuning continues
+
+
+def adam_state_by_name(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's per-parameter state keyed by parameter name (CPU tensors)."""
+    out = {}
+    for name, p in module.named_parameters():
+        state = optimizer.state.get(p)
+        if state:
+            out[name] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in state.items()}
+    return out
+
+
 class Linear(ClassifierStage):
     name = "linear"
     config_class = LinearConfig
@@ -84,3 +97,10 @@ class Linear(ClassifierStage):
 
     def loss(self, logits, labels):
         return symmetric_cross_entropy(logits, labels, self.config.sce_alpha, self.config.sce_beta)
+
+    def save_outputs(self, stage_dir) -> None:
+        # The reference keeps one Adam from this warm-up into MixMatch: fine-tuning
+        # continues these moments (engine/stages/finetune.py, finetune.adam_from_linear).
+        from engine.fsutil import torch_save
+
+        torch_save(stage_dir / OPTIMIZER, adam_state_by_name(self.backend.module, self.backend.optimizer))

@@ -81,6 +81,7 @@ class Trainer:
             final = self.last_eval or self.evaluator(stage.eval_module())
         if dist.is_main:
             save_final_model(env.stage_dir / MODEL, stage.eval_module())
+            stage.save_outputs(env.stage_dir)
         backbone = stage.feature_backbone()
         if backbone is not None:
             # The report's feature-space picture: where this backbone puts poisoned samples.

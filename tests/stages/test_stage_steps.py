@@ -185,3 +185,35 @@ def test_labelled_only_ablation_trains_on_the_labelled_part_alone(digits_root, t
     # The last epoch's batches come from that epoch's labelled part only.
     assert seen[1] <= set(stage.split.labelled.tolist())
     assert len(seen[1]) == stage.steps_per_epoch * 64
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_one_adam_from_the_linear_stage_into_mixmatch(digits_root, tmp_path, carry):
+    """The reference's single Adam: fine-tuning starts from the head's moments and steps."""
+    from engine.models import SimCLRModel
+    from engine.stages.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, TINY + [f"data.root={digits_root}"])
+    (run_dir / "pretrain").mkdir(parents=True)
+    save_final_model(run_dir / "pretrain" / "model.pt", SimCLRModel(cfg.model.arch, cfg.model.width))
+    write_json(run_dir / "pretrain" / "done.json", {"stage": "pretrain"})
+    cfg, linear = _stage(digits_root, run_dir, "linear", "linear.epochs=1", "linear.iterations_per_epoch=3")
+    Trainer(linear, logging=cfg.logging).run()
+    head = dict(linear.backend.module.named_parameters())["classifier.weight"]
+    want = linear.backend.optimizer.state[head]
+    assert int(want["step"]) == 3
+
+    _, finetune = _stage(digits_root, run_dir, "finetune", f"finetune.adam_from_linear={str(carry).lower()}",
+                         "finetune.batch_size=8")
+    params = dict(finetune.backend.module.named_parameters())
+    state = finetune.backend.optimizer.state
+    if carry:
+        got = state[params["classifier.weight"]]
+        assert int(got["step"]) == 3
+        torch.testing.assert_close(got["exp_avg"], want["exp_avg"], rtol=0, atol=0)
+        torch.testing.assert_close(got["exp_avg_sq"], want["exp_avg_sq"], rtol=0, atol=0)
+        # The backbone never had a gradient in the linear stage: its moments start fresh.
+        assert params["backbone.conv1.weight"] not in state
+    else:
+        assert len(state) == 0
