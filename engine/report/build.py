@@ -3,56 +3,106 @@
 Inputs: ``config.yaml``, ``metrics.jsonl`` and each stage's ``done.json`` and
 ``features.npz``. ``dbd report RUN_DIR`` calls this, so a report can be rebuilt (or
 built on another machine) without rerunning anything.
+
+Everything the report says about a stage comes from its ``done.json``: ``label`` (how
+the row is named), ``defense`` ("none" for the no-defense baseline) and ``evaluates``
+(whether it has BA/ASR/RA). Rows follow the ``stages`` list of ``config.yaml``. An
+older ``done.json`` without these fields reads as: label = stage name, evaluates =
+whether it has ``BA``, defense unknown (neither a baseline nor a defense row).
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from engine.errors import UserError
 from engine.fsutil import write_json, write_text
+from engine.report.implant import Implant, assess
 from engine.report.metrics import read_metrics
 from engine.report.plots import plot_curves, plot_features, plot_split
-from engine.stages.context import DONE
+from engine.rundir import CONFIG, DONE, METRICS
 
-EVALUATED = ("supervised", "linear", "finetune")
-LABELS = {"supervised": "no defense", "linear": "DBD, linear stage", "finetune": "DBD"}
+
+@dataclass(frozen=True)
+class StageInfo:
+    name: str
+    label: str
+    defense: str | None
+    evaluates: bool
+    seconds: float
+
+    @classmethod
+    def of(cls, name: str, done: dict) -> "StageInfo":
+        return cls(name=name, label=done.get("label") or name, defense=done.get("defense"),
+                   evaluates=bool(done["evaluates"]) if "evaluates" in done else "BA" in done,
+                   seconds=float(done.get("seconds") or 0.0))
+
+    @property
+    def row_name(self) -> str:
+        return self.label if self.label == self.name else f"{self.label} ({self.name})"
+
+    @property
+    def is_defense(self) -> bool:
+        """A defense row: it evaluates and belongs to a known defense other than the baseline."""
+        return self.evaluates and self.defense not in (None, "none")
 
 
 def load_run(run_dir: Path) -> tuple[dict, list[dict], dict]:
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
-    cfg_path = run_dir / "config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    stages = {}
+    cfg_path = run_dir / CONFIG
+    cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+    found = {}
     for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
         if (d / DONE).is_file():
-            stages[d.name] = json.loads((d / DONE).read_text())
-    if not stages:
+            found[d.name] = json.loads((d / DONE).read_text())
+    if not found:
         raise UserError(f"{run_dir} holds no finished stage (no */{DONE})")
-    return cfg, read_metrics(run_dir / "metrics.jsonl"), stages
+    return cfg, read_metrics(run_dir / METRICS), {n: found[n] for n in stage_order(cfg, found)}
+
+
+def stage_order(cfg: dict, stages: dict) -> list[str]:
+    """The config's ``stages`` order, then any other finished stage in folder order."""
+    listed = cfg.get("stages") or []
+    listed = [s for s in listed if isinstance(s, str)] if isinstance(listed, list) else []
+    first = [s for s in dict.fromkeys(listed) if s in stages]
+    return first + [s for s in stages if s not in first]
 
 
 def summarise(cfg: dict, records: list[dict], stages: dict) -> dict:
+    infos = [StageInfo.of(n, d) for n, d in stages.items()]
     summary: dict = {}
-    for name in EVALUATED:
-        if name not in stages:
+    for info in infos:
+        if not info.evaluates:
             continue
-        s = stages[name]
+        s = stages[info.name]
         entry = {k: s[k] for k in ("BA", "ASR", "RA") if k in s}
-        entry["split"] = [r["labelled_poison_share"] for r in _latest(records, "split", name)]
+        splits = _latest(records, "split", info.name)
+        entry["split"] = [r["labelled_poison_share"] for r in splits]
         entry["seconds"] = s.get("seconds")
-        summary[name] = entry
-    summary["stages_seconds"] = {k: v.get("seconds") for k, v in stages.items()}
-    summary["attack"] = cfg.get("attack", {}).get("name")
-    summary["dataset"] = cfg.get("data", {}).get("name")
-    if "finetune" in stages:
-        splits = _latest(records, "split", "finetune")
         if splits:
-            summary["finetune"]["split_detail"] = splits
+            entry["split_detail"] = splits
+        summary[info.name] = entry
+    summary["stages_seconds"] = {k: v.get("seconds") for k, v in stages.items()}
+    attack = cfg.get("attack") or {}
+    summary["attack"] = attack.get("name")
+    summary["dataset"] = (cfg.get("data") or {}).get("name")
+    summary.update(assess(cfg, stages, list(stages)).summary_fields())
+    summary["stage_labels"] = {i.name: i.label for i in infos}
+    summary["defense_seconds"] = defense_seconds(infos)
     return summary
+
+
+def defense_seconds(infos: list[StageInfo]) -> dict[str, float]:
+    """Each defense's total: the own times of all its finished stages (evaluated or not)."""
+    out: dict[str, float] = {}
+    for i in infos:
+        if i.defense not in (None, "none"):
+            out[i.defense] = round(out.get(i.defense, 0.0) + i.seconds, 2)
+    return out
 
 
 def _latest(records: list[dict], kind: str, stage: str) -> list[dict]:
@@ -64,51 +114,69 @@ def _latest(records: list[dict], kind: str, stage: str) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def results_table(summary: dict, stages: dict) -> str:
-    rows = ["| model | BA | ASR | RA | poisoned share of labelled split | time |",
-            "| --- | --- | --- | --- | --- | --- |"]
+def fmt_time(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def results_table(summary: dict, stages: dict, implant: Implant | None = None) -> str:
+    """The results table (one row per finished stage, its own time in "stage time"),
+    then the lines under it: each defense's total time and whether the attack implanted."""
+    infos = [StageInfo.of(n, d) for n, d in stages.items()]
+    note = implant.row_note() if implant is not None else None
+    with_note = note is not None and any(i.is_defense for i in infos)
+    head = "| model | BA | ASR | RA | poisoned share of labelled split | stage time |"
+    rule = "| --- | --- | --- | --- | --- | --- |"
+    if with_note:
+        head, rule = head + " note |", rule + " --- |"
+    rows = [head, rule]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for name in EVALUATED:
-        if name not in summary:
-            continue
-        s = summary[name]
+    for info in infos:
+        s = summary.get(info.name, {}) if info.evaluates else {}
         split = f"{s['split'][-1]:.2f}%" if s.get("split") else "-"
-        t = _stage_time(name, stages)
-        rows.append(f"| {LABELS[name]} ({name}) | {fmt(s.get('BA'))} | {fmt(s.get('ASR'))} | {fmt(s.get('RA'))} "
-                    f"| {split} | {t} |")
+        row = (f"| {info.row_name} | {fmt(s.get('BA'))} | {fmt(s.get('ASR'))} | {fmt(s.get('RA'))} "
+               f"| {split} | {fmt_time(info.seconds)} |")
+        if with_note:
+            row += f" {note if info.is_defense else '-'} |"
+        rows.append(row)
+    under = []
+    for defense, total in defense_seconds(infos).items():
+        parts = " + ".join(i.name for i in infos if i.defense == defense)
+        under.append(f"{defense.upper()} total ({parts}): {fmt_time(total)}")
+    sentence = implant.table_note() if implant is not None else None
+    if sentence:
+        under.append(sentence)
+    if under:
+        rows.append("")
+        for i, line in enumerate(under):
+            rows += [line] if i == 0 else ["", line]
     return "\n".join(rows)
-
-
-def _stage_time(name: str, stages: dict) -> str:
-    # DBD's cost is all its stages; the baseline's is its own.
-    names = [name] if name == "supervised" else [n for n in ("pretrain", "linear", "finetune") if n in stages]
-    if name == "linear":
-        names = [n for n in ("pretrain", "linear") if n in stages]
-    total = sum(stages[n].get("seconds", 0) or 0 for n in names)
-    return f"{total / 60:.1f} min" if total >= 60 else f"{total:.0f} s"
 
 
 def build_report(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     cfg, records, stages = load_run(run_dir)
     summary = summarise(cfg, records, stages)
+    implant = assess(cfg, stages, list(stages))
     write_json(run_dir / "summary.json", summary)
+    infos = [StageInfo.of(n, d) for n, d in stages.items()]
+    labels = {i.name: i.row_name for i in infos}
     plots_dir = run_dir / "plots"
     plots = []
-    plots += plot_curves(records, plots_dir)
+    plots += plot_curves(records, plots_dir, order=list(stages))
     plots += plot_split(records, plots_dir)
-    plots += plot_features(run_dir, plots_dir, cfg)
-    table = results_table(summary, stages)
-    attack = cfg.get("attack", {})
+    plots += plot_features(run_dir, plots_dir, cfg, titles=labels)
+    table = results_table(summary, stages, implant)
+    attack = cfg.get("attack") or {}
+    model = cfg.get("model") or {}
     lines = [
-        f"# DBD run: {cfg.get('data', {}).get('name', '?')} / {attack.get('name', '?')}",
+        f"# DBD run: {(cfg.get('data') or {}).get('name', '?')} / {attack.get('name', '?')}",
         "",
         f"Run directory `{run_dir}`; attack `{attack.get('name')}` with target {attack.get('target')}, "
-        f"ratio {attack.get('ratio')}; model `{cfg.get('model', {}).get('arch')}` "
-        f"width {cfg.get('model', {}).get('width')}.",
+        f"ratio {attack.get('ratio')}; model `{model.get('arch')}` width {model.get('width')}.",
         "",
         "BA: clean test accuracy. ASR: triggered non-target test images classified as the target. "
-        "RA: the same images classified as their true class. All in percent.",
+        "RA: the same images classified as their true class. All in percent. "
+        "Stage time: the stage's own wall time (a defense's total is under the table).",
         "",
         table,
         "",
@@ -116,14 +184,17 @@ def build_report(run_dir: str | Path) -> str:
         "",
         "| stage | seconds |",
         "| --- | --- |",
-        *[f"| {k} | {v.get('seconds', 0):.1f} |" for k, v in stages.items()],
+        *[f"| {i.name} | {i.seconds:.1f} |" for i in infos],
         "",
     ]
-    if "finetune" in summary and summary["finetune"].get("split_detail"):
-        lines += ["## Split quality per fine-tuning epoch", "",
+    for info in infos:
+        detail = summary.get(info.name, {}).get("split_detail")
+        if not detail:
+            continue
+        lines += [f"## Split quality per epoch: {info.row_name}", "",
                   "| epoch | labelled | poisoned share of labelled | poisoned kept labelled | detector precision | detector recall |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        for r in summary["finetune"]["split_detail"]:
+        for r in detail:
             lines.append(f"| {r['epoch']} | {r['labelled']} | {r['labelled_poison_share']:.2f}% "
                          f"| {r['poisoned_in_labelled']:.2f}% | {r['precision']:.2f}% | {r['recall']:.2f}% |")
         lines.append("")

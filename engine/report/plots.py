@@ -5,7 +5,13 @@ from pathlib import Path
 
 import numpy as np
 
-STAGE_ORDER = ("supervised", "pretrain", "linear", "finetune")
+
+
+def _order(records: list[dict], order: list[str] | None) -> list[str]:
+    """``order`` (the run's stage order) first, then any other stage in record order."""
+    seen = list(dict.fromkeys(r["stage"] for r in records if "stage" in r))
+    first = [s for s in (order or []) if s in seen]
+    return first + [s for s in seen if s not in first]
 
 
 def _plt():
@@ -27,11 +33,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_curves(records: list[dict], out: Path) -> list[Path]:
+def plot_curves(records: list[dict], out: Path, order: list[str] | None = None) -> list[Path]:
     plt = _plt()
     paths = []
     steps = [r for r in records if r.get("kind") == "step" and "loss" in r]
-    stages = [s for s in STAGE_ORDER if any(r["stage"] == s for r in steps)]
+    stages = _order(steps, order)
     if stages:
         fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
         for ax, s in zip(axes[0], stages):
@@ -44,7 +50,7 @@ def plot_curves(records: list[dict], out: Path) -> list[Path]:
     evals = [r for r in records if r.get("kind") == "eval"]
     if evals:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-        for s in STAGE_ORDER:
+        for s in _order(evals, order):
             rs = sorted({r["epoch"]: r for r in evals if r["stage"] == s}.values(), key=lambda r: r["epoch"])
             if not rs:
                 continue
@@ -81,10 +87,16 @@ def plot_split(records: list[dict], out: Path) -> list[Path]:
     return [_save(fig, out / "split.png")]
 
 
-def plot_features(run_dir: Path, out: Path, cfg: dict) -> list[Path]:
+def plot_features(run_dir: Path, out: Path, cfg: dict, titles: dict[str, str] | None = None) -> list[Path]:
     """The paper's picture: supervised features cluster the poisoned samples together,
-    SimCLR features leave them beside the clean images of their true class."""
-    panels = [(s, run_dir / s / "features.npz") for s in ("supervised", "pretrain")]
+    SimCLR features leave them beside the clean images of their true class.
+
+    One panel per stage that saved ``features.npz``; ``titles`` (stage -> title, in the
+    run's stage order) names and orders them, else folder order and stage names."""
+    from engine.rundir import FEATURES
+
+    names = list(titles) if titles else sorted(p.name for p in run_dir.iterdir() if p.is_dir())
+    panels = [(s, run_dir / s / FEATURES) for s in names]
     panels = [(s, p) for s, p in panels if p.is_file()]
     if not panels:
         return []
@@ -100,7 +112,7 @@ def plot_features(run_dir: Path, out: Path, cfg: dict) -> list[Path]:
                   random_state=0).fit_transform(feats)
         sc = ax.scatter(xy[~pois, 0], xy[~pois, 1], c=labels[~pois], cmap="tab10", s=6, alpha=0.7)
         ax.scatter(xy[pois, 0], xy[pois, 1], c="black", marker="x", s=14, lw=0.8, label="poisoned")
-        title = {"supervised": "no defense (supervised)", "pretrain": "DBD SimCLR backbone"}[stage]
+        title = (titles or {}).get(stage, stage)
         ax.set_title(f"{title}: t-SNE of features")
         ax.set_xticks([])
         ax.set_yticks([])
