@@ -115,6 +115,8 @@ def preview(cfg, runtime, out: str | Path, *, split: str = "train", count: int =
         what = (f"{int(plan.poisoned.sum())}/{len(plan.poisoned)} training samples poisoned "
                 f"({plan.settings['label_mode']}){extra}")
     else:
-        what = f"{len(runtime.poisoned_test_indices)} test images whose label is not the target"
-    title = f"{runtime.name} on {runtime.meta.get('name')}, {split} ({h}x{w}), target {runtime.target}: {what}"
+        what = (f"all {len(runtime.poisoned_test_indices)} test images (target y+1 mod C)" if runtime.all_to_all
+                else f"{len(runtime.poisoned_test_indices)} test images whose label is not the target")
+    target = "y+1 mod C" if runtime.all_to_all else runtime.target
+    title = f"{runtime.name} on {runtime.meta.get('name')}, {split} ({h}x{w}), target {target}: {what}"
     return render(samples, out, title=title, amplify=amplify, classes=runtime.meta.get("classes"))

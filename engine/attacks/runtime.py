@@ -135,7 +135,8 @@ class PoisonRuntime:
         extra = f", {int(p.noise.sum())} noise-mode samples" if p.noise.any() else ""
         return (f"attack {self.name}: {int(p.poisoned.sum())}/{len(p.poisoned)} training samples poisoned "
                 f"({p.settings['label_mode']}, target {self.target}){extra}; "
-                f"{len(self.poisoned_test_indices)} test images in the poisoned test set")
+                f"{len(self.poisoned_test_indices)} test images in the poisoned test set"
+                f"{' (all-to-all: each scored against y+1 mod C)' if self.all_to_all else ''}")
 
 
 def build_poison(cfg, meta: dict, run_dir: Path | str | None, *, save: bool = True) -> PoisonRuntime:
