@@ -1,9 +1,5 @@
 """Throughput of the SimCLR view pipelines: fused kernels vs the alternatives.
 
-`run(quick, device)` returns plain JSON-able data and touches no files; running the module
-(`python -m benchmarks.augment [--quick] [--device cpu|cuda] [--out FILE]`) prints it and
-writes it to FILE when asked.
-
 Every method makes two views per image of a uint8 NHWC batch (what the FFCV loader
 delivers) and is timed end to end from that batch to normalised float views on `device`,
 so per-sample pipelines pay their own conversions just as they would in a loader:
@@ -15,47 +11,34 @@ so per-sample pipelines pay their own conversions just as they would in a loader
 - pil:            torchvision.transforms on PIL images per sample, the DBD reference way
                   (host CPU, one process: the reference spreads it over loader workers)
 
-Figures are the median over repetitions after one warm-up call; every repetition is kept.
+Figures are the median over repetitions after one warm-up call; every repetition is
+kept. Each method runs its repetitions in turn (not alternated), all in one process.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import platform
-import statistics
-import sys
 import time
 
 import torch
+
+from benchmarks.harness import comparison, load_average, measurement, sync, target
 
 # (label, source side, view size, blur kernel): 32 px CIFAR views; 224 px ImageNet views from
 # a 256 px source with the SimCLR blur kernel of ~10% of the view (23 px).
 _SIZES = (("32px", 32, 32, 3), ("224px", 256, 224, 23))
 
 
-def _spec(size: int, kernel: int):
-    from kernels import SimCLRSpec
-
-    return SimCLRSpec(size=size, blur_kernel_size=kernel)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _time(fn, warm, reps: int, device: str) -> list[float]:
     # Warm-up (compilation, autotuning, first-call set-up) on a few images: a full batch
     # would add minutes for the per-sample pipelines at 224 px and teach them nothing more.
     warm()
-    _sync(device)
+    sync(device)
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         out.append(time.perf_counter() - t0)
     return out
 
@@ -75,24 +58,17 @@ def _torch_path(images, spec):
 def _torchvision_v2(images, spec):
     import torchvision.transforms.v2 as T
 
-    pipe = T.Compose(
-        [
-            T.ToDtype(torch.float32, scale=True),
-            T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio,
-                                interpolation=T.InterpolationMode.BICUBIC, antialias=False),
-            T.RandomHorizontalFlip(spec.flip_p),
-            T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p),
-            T.RandomGrayscale(spec.grayscale_p),
-            T.RandomApply([T.GaussianBlur(spec.blur_kernel_size, spec.blur_sigma)], p=spec.blur_p),
-            T.Normalize(list(spec.mean), list(spec.std)),
-        ]
-    )
+    pipe = T.Compose([
+        T.ToDtype(torch.float32, scale=True),
+        T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, interpolation=T.InterpolationMode.BICUBIC,
+                            antialias=False),
+        T.RandomHorizontalFlip(spec.flip_p),
+        T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p),
+        T.RandomGrayscale(spec.grayscale_p),
+        T.RandomApply([T.GaussianBlur(spec.blur_kernel_size, spec.blur_sigma)], p=spec.blur_p),
+        T.Normalize(list(spec.mean), list(spec.std))])
     chw = images.permute(0, 3, 1, 2)
-
-    def run():
-        return [torch.stack([pipe(chw[i]) for i in range(chw.shape[0])]) for _ in range(2)]
-
-    return run
+    return lambda: [torch.stack([pipe(chw[i]) for i in range(chw.shape[0])]) for _ in range(2)]
 
 
 def _kornia(images, spec):
@@ -108,36 +84,18 @@ def _kornia(images, spec):
         K.Normalize(torch.tensor(spec.mean), torch.tensor(spec.std)),
     ).to(images.device)
 
-    def run():
-        x = images.permute(0, 3, 1, 2).float().div_(255)
-        return [pipe(x) for _ in range(2)]
-
-    return run
+    return lambda: [pipe(x) for x in [images.permute(0, 3, 1, 2).float().div_(255)] for _ in range(2)]
 
 
 def _pil(images, spec):
-    import torchvision.transforms as T
     from PIL import Image
 
-    pipe = T.Compose(
-        [
-            T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio,
-                                interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(spec.flip_p),
-            T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p),
-            T.RandomGrayscale(spec.grayscale_p),
-            T.RandomApply([T.GaussianBlur(spec.blur_kernel_size, spec.blur_sigma)], p=spec.blur_p),
-            T.ToTensor(),
-            T.Normalize(spec.mean, spec.std),
-        ]
-    )
+    from benchmarks.reference import simclr_transform
+
+    pipe = simclr_transform(spec)  # the reference's own PIL pipeline
     # Decoded PIL images are what the reference dataset holds; building them is not timed.
     pils = [Image.fromarray(a) for a in images.cpu().numpy()]
-
-    def run():
-        return [torch.stack([pipe(im) for im in pils]) for _ in range(2)]
-
-    return run
+    return lambda: [torch.stack([pipe(im) for im in pils]) for _ in range(2)]
 
 
 def _methods(device: str) -> dict:
@@ -169,7 +127,7 @@ def _reps(quick: bool, method: str, label: str) -> int:
 
 
 def run(quick: bool = False, device: str = "cpu", threads: int | None = None) -> dict:
-    """Views/second of each method at 32 px and 224 px; no files written, no global state kept.
+    """Views/second of each method at 32 px and 224 px, and the engine's method against each other.
 
     On CPU, torch runs with `threads` intra-op threads (default 1) for the duration of the
     call: per-core figures, comparable with the single-threaded PIL pipeline that the
@@ -177,7 +135,7 @@ def run(quick: bool = False, device: str = "cpu", threads: int | None = None) ->
     processes competing for the cores (spinning OpenMP threads collapse under contention).
     """
     batch = 32 if quick else 512
-    load_before = os.getloadavg()
+    load_before = load_average()
     prev_threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(threads or 1)
@@ -186,36 +144,39 @@ def run(quick: bool = False, device: str = "cpu", threads: int | None = None) ->
         used_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(prev_threads)
-    r32 = results["32px"]
-    engine_name = "fused" if "fused" in r32 else "torch_path"
-    engine = r32[engine_name]["median"]
-    reference = r32["pil"]["median"]
+    engine = "fused" if "fused" in results["32px"] else "torch_path"
+    measurements, comparisons, targets, not_measured = {}, {}, [], []
+    for label, methods in results.items():
+        for name, m in methods.items():
+            measurements[f"{label}/{name}"] = measurement("views/s", m["reps"], device=m["device"])
+            if name != engine:
+                comparisons[f"{label}/{engine}_vs_{name}"] = comparison("views/s", methods[engine]["reps"], m["reps"])
+        if "fused" in methods:
+            targets.append(target(f"GPU fused SimCLR view vs torchvision v2 at {label}",
+                                  measurements[f"{label}/fused"]["median"]
+                                  / measurements[f"{label}/torchvision_v2"]["median"], ">=", 10.0))
+    if not targets:
+        not_measured.append("fused Triton kernels and the >= 10x-over-torchvision-v2 GPU target: no GPU in this run")
+    head = comparisons[f"32px/{engine}_vs_pil"]
     return {
-        "unit": "views/s",
-        "batch": batch,
-        "views_per_image": 2,
-        "quick": quick,
-        "device": device,
-        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor()
-        or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": used_threads,
-        "torch": torch.__version__,
-        # Other work on the machine skews CPU figures; the 1-minute load average says how much.
-        "loadavg_1min": [load_before[0], os.getloadavg()[0]],
-        "results": results,
-        "engine_method": engine_name,
-        "engine": engine,
-        "reference": reference,
-        "ratio": engine / reference,
+        "unit": "views/s", "engine": head["engine"], "reference": head["reference"], "ratio": head["ratio"],
+        "headline": f"32px/{engine}_vs_pil", "engine_method": engine, "results": results,
+        "settings": {"batch": batch, "views_per_image": 2, "quick": quick, "device": device,
+                     "torch_threads": used_threads, "device_name": torch.cuda.get_device_name(device)
+                     if device.startswith("cuda") else platform.processor() or platform.machine()},
+        "load_average_1min": [(load_before or [None])[0], (load_average() or [None])[0]],
+        "comparisons": comparisons, "measurements": measurements, "targets": targets,
+        "not_measured": not_measured,
     }
 
 
 def _measure(quick: bool, device: str, batch: int) -> dict:
+    from kernels import SimCLRSpec
+
     gen = torch.Generator().manual_seed(0)
     results: dict = {}
     for label, src, size, kernel in _SIZES:
-        spec = _spec(size, kernel)
+        spec = SimCLRSpec(size=size, blur_kernel_size=kernel)
         images = torch.randint(0, 256, (batch, src, src, 3), dtype=torch.uint8, generator=gen).to(device)
         results[label] = {}
         for name, make in _methods(device).items():
@@ -223,41 +184,6 @@ def _measure(quick: bool, device: str, batch: int) -> dict:
             fn, warm = make(images, spec), make(images[:4], spec)
             times = _time(fn, warm, _reps(quick, name, label), "cpu" if name == "pil" else device)
             views = [2 * batch / t for t in times]
-            results[label][name] = {
-                "reps": views,
-                "seconds": times,
-                "median": statistics.median(views),
-                "device": "cpu" if name == "pil" else device,
-            }
+            results[label][name] = {"reps": views, "seconds": times, "device": "cpu" if name == "pil" else device}
         del images
     return results
-
-
-def _table(res: dict) -> str:
-    lines = [f"| method | {' | '.join(res['results'])} |", "| --- |" + " --- |" * len(res["results"])]
-    names = list(next(iter(res["results"].values())))
-    for n in names:
-        cells = [f"{res['results'][lbl][n]['median']:,.0f}" if n in res["results"][lbl] else "-"
-                 for lbl in res["results"]]
-        lines.append(f"| {n} | {' | '.join(cells)} |")
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="batch 32, 2 repetitions")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default 1: per-core figures)")
-    ap.add_argument("--out", help="write the JSON result to this file")
-    args = ap.parse_args(argv)
-    res = run(quick=args.quick, device=args.device, threads=args.threads)
-    print(_table(res))
-    print(f"engine ({res['engine_method']}) / reference (pil) at 32 px: {res['ratio']:.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.harness import measurement
+
 # (label, arch, image size): the CIFAR ResNet-18 of the reference, and torchvision's
 # ResNet-18/50 at ImageNet size.
 MODELS = (("cifar_resnet18@32", "cifar_resnet18", 32), ("resnet18@224", "resnet18", 224),
@@ -43,26 +45,18 @@ def count(arch: str, size: int, batch: int = 2, head: str = "backbone", width: i
 
 
 def run(quick: bool = False) -> dict:
-    models = MODELS  # counted on the meta device: as cheap in quick mode as in full
-    measurements = {}
-    per_model = {}
-    for label, arch, size in models:
-        c = count(arch, size)
-        per_model[label] = {k: v / 1e9 for k, v in c.items()}
-        for kind in ("forward", "forward_backward"):
-            v = c[kind] / 1e9
-            measurements[f"{label}/{kind}"] = {"unit": "GFLOP/image", "median": v, "reps": [v],
-                                               "q1": v, "q3": v, "min": v, "max": v}
-    simclr = count("cifar_resnet18", 32, head="simclr")
-    v = simclr["forward_backward"] / 1e9
-    measurements["cifar_resnet18@32+simclr_head/forward_backward"] = {
-        "unit": "GFLOP/image", "median": v, "reps": [v], "q1": v, "q3": v, "min": v, "max": v}
+    """Counted on the meta device: as cheap in quick mode as in full."""
+    per_model = {label: {k: v / 1e9 for k, v in count(arch, size).items()} for label, arch, size in MODELS}
+    per_model["cifar_resnet18@32+simclr_head"] = {
+        k: v / 1e9 for k, v in count("cifar_resnet18", 32, head="simclr").items()}
+    measurements = {f"{label}/{kind}": measurement("GFLOP/image", [c[kind]]) for label, c in per_model.items()
+                    for kind in ("forward", "forward_backward") if kind == "forward_backward" or "+" not in label}
     return {
         "unit": "GFLOP/image",
         "settings": {"counter": "torch.utils.flop_counter.FlopCounterMode", "width": 64, "quick": quick,
-                     "models": [m[0] for m in models],
+                     "models": [m[0] for m in MODELS],
                      "convention": "2 FLOPs per multiply-add; convolutions and matrix products only"},
-        "gflops_per_image": per_model,
+        "gflops_per_image": {k: v for k, v in per_model.items() if "+" not in k},
         "measurements": measurements,
         "notes": ["a SimCLR training step processes 2 views per image: its FLOPs per image are twice the "
                   "forward_backward figure (plus the small projection head)"],

@@ -1,192 +1,218 @@
-"""Training-step throughput of the SimCLR stage: backends, precisions, compile, world size.
+"""Training images/second of the real stages' steps, and where a step's time goes.
 
-What is timed is the model step only (the two views already made): one forward of the
-2B views, NT-Xent over the embeddings of all ranks, backward (DDP's or DeepSpeed's
-gradient all-reduce included) and the optimizer update, on ResNet-18 (CIFAR variant,
-width 64) at 32 px. Images/second counts source images of the global batch (each gives
-two views).
-
-Grid: backend ddp | deepspeed (ZeRO-0; bf16 through torch autocast, fp32 weights),
-precision fp32 | bf16, torch.compile off | on, world size 1 | 2. On CPU the world sizes
-share the machine's cores: world size 1 runs one process with all of them, world size
-2 two gloo processes with half each, at the same global batch (strong scaling). Each
-world size is a fresh set of spawned processes; inside it the configurations run in
-turn, each with warm-up steps (compilation happens there) and then timed repetitions,
-all kept.
+1. Per stage, backend and precision: the pretrain (SimCLR), linear and fine-tuning
+   (MixMatch) stages, built by ``engine.pipeline.make_stage`` over a synthetic poisoned
+   CIFAR-size ``.beton``, step on their own loaders. Each step is timed in three parts,
+   each synchronised with the device:
+   - data wait: blocked on the stage's next batch (the loader prefetches in the
+     background, so this is the loading the step could not hide);
+   - views: ``stage.prepare`` (the batch to the device, the ``kernels`` views);
+   - model: ``stage.update`` (forward, loss, backward, optimizer step).
+   Warm-up steps at the timed batch size come first (loader compilation, Triton's
+   kernel compilation, cuDNN's choices); the median over the timed steps is reported.
+   The SimCLR step's compute ceiling share: images/s x FLOPs per image (two views,
+   forward + backward, benchmarks/flops.py) over the device's measured matmul FLOP/s
+   in the same precision; on a GPU, the figure the >= 50 % target is stated for.
+2. ``simclr_model_step/...``: the pretrain stage's ``update`` alone (its views made once
+   by ``prepare``) per backend, precision, torch.compile and world size. On CPU the
+   world sizes share the cores (world size 2 is two gloo processes with half each, at
+   the same global batch: strong scaling).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import socket
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import torch
 
-FULL = dict(global_batch=64, warmup=2, steps=3, reps=5, compile_everywhere=True)
-QUICK = dict(global_batch=32, warmup=1, steps=2, reps=3, compile_everywhere=False)
-DS_CONFIGS = {"fp32": "configs/deepspeed/zero0_fp32.json", "bf16": "configs/deepspeed/zero0_bf16.json"}
+from benchmarks import stages
+from benchmarks.harness import measurement, pin_torch_threads, run_child, sync, target
+
+KINDS = {"simclr": "pretrain", "linear": "linear", "mixmatch": "finetune"}  # figure name: stage
+# CPU: as recorded in RESULTS.md. GPU: a global batch of 512 at 32 px for every stage
+# (MixMatch: 256 labelled + 256 unlabelled) and the full-width ResNet-18.
+CPU = dict(width=16, n=5120, batch=dict(simclr=256, linear=128, mixmatch=64), warmup=2, steps=5,
+           grid=dict(width=64, global_batch=32, warmup=1, steps=2, reps=3, compile="ddp/fp32"))
+GPU = dict(width=64, n=10240, batch=dict(simclr=512, linear=512, mixmatch=256), warmup=3, steps=10,
+           grid=dict(width=64, global_batch=512, warmup=3, steps=5, reps=5, compile="all"))
+QUICK = dict(width=4, n=256, batch=dict(simclr=16, linear=16, mixmatch=16), warmup=1, steps=2,
+             grid=dict(width=4, global_batch=16, warmup=1, steps=1, reps=1, compile="none"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def combos(cuda: bool, quick: bool) -> list[tuple[str, str]]:
+    if quick:  # DeepSpeed's first start JIT-builds a CPU communication op (minutes)
+        return [("ddp", "fp32")]
+    return [(b, p) for b in ("ddp", "deepspeed") for p in (("fp32", "bf16", "fp16") if cuda else ("fp32", "bf16"))]
 
 
-def grid(world: int, quick: bool, cuda: bool) -> list[dict]:
-    out = []
-    for backend in ("ddp", "deepspeed"):
-        for precision in ("fp32", "bf16"):
-            for compile_ in (False, True):
-                # torch.compile of a ResNet-18 forward+backward takes minutes on a small
-                # CPU: the quick run compiles one configuration per world size.
-                if compile_ and quick and not cuda and not (backend == "ddp" and precision == "fp32"):
-                    continue
-                out.append({"world": world, "backend": backend, "precision": precision, "compile": compile_})
+def matmul_ceiling(device: torch.device, precision: str, quick: bool) -> float:
+    """Measured FLOP/s of a large square matmul in ``precision``: the device's practical ceiling."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    n = 512 if quick else (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    torch.matmul(a, b)
+    sync(device)
+    reps = 3 if device.type == "cpu" else 20
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.matmul(a, b)
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def time_stage(stage, warmup: int, steps: int, device) -> dict:
+    """The stage's first epoch, step by step: data wait, ``prepare`` and ``update`` apart."""
+    stage.on_epoch_start(0)
+    batches = iter(stage.batches(0))
+    wait, views, model = [], [], []
+    for k in range(warmup + steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        x = stage.prepare(batch, 0, k)
+        sync(device)
+        t2 = time.perf_counter()
+        stage.update(x, 0, k)
+        sync(device)
+        t3 = time.perf_counter()
+        if k >= warmup:
+            wait.append(t1 - t0), views.append(t2 - t1), model.append(t3 - t2)
+    getattr(batches, "close", lambda: None)()  # the loader's threads end with the epoch
+    total = sum(wait) + sum(views) + sum(model)
+    return {"images_per_s": [stage.images_per_step / (w + v + m) for w, v, m in zip(wait, views, model)],
+            "data_wait_share": sum(wait) / total, "views_share": sum(views) / total,
+            "model_share": sum(model) / total, "wait_s": wait, "views_s": views, "model_s": model}
+
+
+def model_step_rank(root: str, grid: list[dict], s: dict, device: str, threads: int) -> dict:
+    """One rank of the model-step grid: each configuration's pretrain stage, its ``update``
+    on views made once, timed between barriers (started by ``harness.run_child``)."""
+    from engine.runtime.launch import barrier, shutdown
+
+    pin_torch_threads(threads if device == "cpu" else None)
+    kw = dict(device=device, width=s["width"], workers=1, extra=[f"pretrain.batch_size={s['global_batch']}"])
+    first = "deepspeed" if any(c["backend"] == "deepspeed" for c in grid) else "ddp"
+    dist, data = stages.open_run(stages.config(root, backend=first, **kw))
+    run_dir = tempfile.mkdtemp(prefix="dbd-bench-step-")
+    results = {}
+    try:
+        for c in grid:
+            stage = stages.build(stages.config(root, backend=c["backend"], precision=c["precision"],
+                                               compile=c["compile"], **kw), "pretrain", run_dir, dist, data)
+            per_rank = s["global_batch"] // dist.world_size
+            images = torch.randint(0, 256, (per_rank, 32, 32, 3), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(dist.rank))
+            x = stage.prepare((images,), 0, 0)
+
+            def window(n: int, first_step: int) -> float:
+                sync(dist.device)
+                barrier()
+                t0 = time.perf_counter()
+                for k in range(n):
+                    stage.update(x, 0, first_step + k)
+                sync(dist.device)
+                barrier()
+                return time.perf_counter() - t0
+
+            warm = window(s["warmup"], 0)
+            reps = [s["global_batch"] * s["steps"] / window(s["steps"], 1000 * (r + 1)) for r in range(s["reps"])]
+            results[grid_key(c, dist.world_size)] = {"reps": reps, "warmup_seconds": round(warm, 2)}
+    finally:
+        shutdown()
+    return results
+
+
+def grid_key(c: dict, world: int) -> str:
+    return f"ws{world}/{c['backend']}/{c['precision']}/{'compile' if c['compile'] else 'eager'}"
+
+
+def model_step_grid(root: str, s: dict, device: torch.device, quick: bool) -> dict:
+    cuda = device.type == "cuda"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    worlds = [1] if quick or (cuda and torch.cuda.device_count() < 2) else [1, 2]
+    out = {}
+    for world in worlds:
+        # torch.compile of a ResNet-18 forward+backward takes minutes on a small CPU: there
+        # only ddp/fp32 is compiled.
+        grid = [{"backend": b, "precision": p, "compile": k} for b, p in combos(cuda, quick) for k in (False, True)
+                if not k or s["compile"] == "all" or s["compile"] == f"{b}/{p}"]
+        t0 = time.time()
+        threads = max(1, cores // world)
+        out.update(run_child("benchmarks.step:model_step_rank",
+                             dict(root=root, grid=grid, s=s, device=device.type, threads=threads),
+                             world=world, threads=threads, timeout=240 if quick else 1500))
+        print(f"[step] model step, world size {world}: {len(grid)} configurations in {time.time() - t0:.0f} s",
+              flush=True)
     return out
 
 
-def key(c: dict) -> str:
-    return f"ws{c['world']}/{c['backend']}/{c['precision']}/{'compile' if c['compile'] else 'eager'}"
+def run(quick: bool = False, device: str | None = None, threads: int | None = None) -> dict:
+    """``threads``: torch intra-op threads, the same for every configuration (default: the
+    loader thread count, which is what FFCV sets in the engine)."""
+    from benchmarks.flops import count
+    from benchmarks.synthetic import cifar_like
+    from engine.runtime.launch import shutdown
 
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = dev.type == "cuda"
+    s = QUICK if quick else (GPU if cuda else CPU)
+    workers = 1 if quick else min(os.cpu_count() or 1, 16)
+    # Pinned for every configuration: DeepSpeed's CPU accelerator would otherwise drop
+    # its runs to 1 thread while DDP runs keep FFCV's count, and compare the two unfairly.
+    threads = pin_torch_threads(threads or workers)
+    bench = cifar_like(s["n"])
+    grid = combos(cuda, quick)
+    kw = dict(device=dev.type, width=s["width"], workers=workers,
+              extra=[f"{KINDS[k]}.batch_size={b}" for k, b in s["batch"].items()])
+    dist, data = stages.open_run(stages.config(
+        bench.root, backend="deepspeed" if any(b == "deepspeed" for b, _ in grid) else "ddp", **kw))
+    flops_simclr = 2 * count("cifar_resnet18", 32, head="simclr", width=s["width"])["forward_backward"]
+    measurements, breakdown, ceilings, notes = {}, {}, {}, []
+    run_dir = tempfile.mkdtemp(prefix="dbd-bench-step-")
+    for backend, precision in grid:
+        key = f"{backend}/{precision}"
+        cfg = stages.config(bench.root, backend=backend, precision=precision, **kw)
+        for kind, name in KINDS.items():
+            try:
+                stage = stages.build(cfg, name, run_dir, dist, data)
+            except Exception as e:  # e.g. DeepSpeed unavailable on this machine: keep the others
+                notes.append(f"{kind}/{key} could not run: {type(e).__name__}: {e}")
+                continue
+            torch.set_num_threads(threads)
+            r = time_stage(stage, s["warmup"], s["steps"], dev)
+            del stage
+            if cuda:
+                torch.cuda.empty_cache()
+            m = measurements[f"{kind}/{key}/images_per_s"] = measurement("images/s", r["images_per_s"])
+            if kind == "simclr":
+                ceilings[precision] = ceilings.get(precision) or matmul_ceiling(dev, precision, quick)
+                m["compute_ceiling_share"] = m["median"] * flops_simclr / ceilings[precision]
+            measurements[f"{kind}/{key}/data_wait_share"] = {
+                "unit": "share of step time", "median": r["data_wait_share"],
+                "reps": [w / (w + v + md) for w, v, md in zip(r["wait_s"], r["views_s"], r["model_s"])]}
+            breakdown[f"{kind}/{key}"] = {k: v for k, v in r.items() if k != "images_per_s"}
+    shutdown()
+    if not measurements:
+        raise RuntimeError("no stage could run a step: " + "; ".join(notes))
+    grid_results = model_step_grid(str(bench.root), s["grid"], dev, quick)
+    for k, v in grid_results.items():
+        measurements[f"simclr_model_step/{k}"] = measurement("images/s", v["reps"], warmup_seconds=v["warmup_seconds"])
 
-def _worker(rank: int, world: int, port: int, combos: list[dict], settings: dict, device: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import torch
-
-    if device == "cpu":
-        torch.set_num_threads(max(1, settings["cores"] // world))
-    from engine.config import load_config
-    from engine.losses.ntxent import nt_xent
-    from engine.models import SimCLRModel
-    from engine.runtime import launch
-    from engine.runtime.backends import build_backend
-    from engine.stages.pretrain import make_optimizer_factory
-
-    base = [f"device={device}", "model.arch=cifar_resnet18", "model.width=64", "logging.progress=false",
-            f"pretrain.batch_size={settings['global_batch']}", "distributed.backend=deepspeed",
-            f"distributed.deepspeed_config={DS_CONFIGS['fp32']}"]
-    # One process group for every configuration (DeepSpeed needs one even for 1 process).
-    dist = launch.init_distributed(load_config(None, base))
-    per_rank = settings["global_batch"] // world
-    results = {}
-    try:
-        for c in combos:
-            cfg = load_config(None, base + [f"distributed.backend={c['backend']}", f"precision={c['precision']}",
-                                            f"distributed.compile={str(c['compile']).lower()}",
-                                            f"distributed.deepspeed_config={DS_CONFIGS[c['precision']]}"])
-            torch.manual_seed(0)
-            model = SimCLRModel(cfg.model.arch, cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim)
-            backend = build_backend(model, make_optimizer_factory(cfg, cfg.pretrain.lr), cfg, dist,
-                                    sync_bn=cfg.pretrain.sync_bn, per_rank_batch=per_rank)
-            backend.train()
-            g = torch.Generator().manual_seed(rank)
-            x = torch.randn(2 * per_rank, 3, 32, 32, generator=g).to(dist.device)
-            x = x.contiguous(memory_format=torch.channels_last)
-
-            def step() -> None:
-                backend.zero_grad()
-                z = backend.forward(x)
-                loss = nt_xent(z[:per_rank], z[per_rank:], cfg.pretrain.temperature, cfg.pretrain.loss)
-                backend.backward(loss)
-                backend.step()
-
-            def sync() -> None:
-                if dist.device.type == "cuda":
-                    torch.cuda.synchronize(dist.device)
-                launch.barrier()
-
-            t0 = time.perf_counter()
-            for _ in range(settings["warmup"]):
-                step()
-            sync()
-            warm = time.perf_counter() - t0
-            reps = []
-            for _ in range(settings["reps"]):
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(settings["steps"]):
-                    step()
-                sync()
-                reps.append(settings["global_batch"] * settings["steps"] / (time.perf_counter() - t0))
-            results[key(c)] = {"reps": reps, "warmup_seconds": round(warm, 2)}
-            del backend, model
-    finally:
-        if rank == 0:
-            Path(out).write_text(json.dumps(results))
-        launch.shutdown()
-
-
-def _run_world(world: int, combos: list[dict], settings: dict, device: str) -> dict:
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "res.json")
-        mp.start_processes(_worker, args=(world, _free_port(), combos, settings, device, out), nprocs=world,
-                           start_method="spawn", join=True)
-        return json.loads(Path(out).read_text())
-
-
-def run(quick: bool = False) -> dict:
-    import statistics
-
-    import torch
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    settings = {**(QUICK if quick else FULL), "cores": cores}
-    worlds = [1, 2] if (not cuda or torch.cuda.device_count() >= 2) else [1]
-    # Spawned workers import the engine from this checkout, installed or not (the GPU
-    # machine gets a bare copy of the tree).
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    results, not_measured = {}, []
-    for world in worlds:
-        combos = grid(world, quick, cuda)
-        t0 = time.time()
-        raw = _run_world(world, combos, settings, device)
-        for k, v in raw.items():
-            v["median"] = statistics.median(v["reps"])
-            results[k] = v
-        print(f"[step] world size {world}: {len(combos)} configurations in {time.time() - t0:.0f} s",
-              file=sys.stderr, flush=True)
-    if not cuda:
-        not_measured.append("CUDA (no GPU in this run): NCCL, cuDNN channels_last and CUDA-graph/compile gains")
-    if quick:
-        not_measured.append("torch.compile beyond ddp/fp32 (quick mode: CPU compilation takes minutes each)")
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
-    return {"unit": "img/s", "what": "SimCLR model step (views precomputed), ResNet-18 CIFAR at 32 px",
-            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "settings": settings,
-            "torch": torch.__version__, "load_average_1_5_15": load, "results": results,
-            "not_measured": not_measured}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", help="write the JSON here (default: stdout)")
-    args = p.parse_args(argv)
-    res = run(quick=args.quick)
-    text = json.dumps(res, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    targets, not_measured = [], []
+    head = measurements.get(f"simclr/ddp/{'bf16' if cuda else 'fp32'}/images_per_s")
+    if cuda and head is not None and s["width"] == 64:
+        targets.append(target("ResNet-18 SimCLR step, share of the compute ceiling (bf16 matmul)",
+                              head["compute_ceiling_share"], ">=", 0.5))
     else:
-        print(text)
-    for k, v in res["results"].items():
-        print(f"{k:<32} {v['median']:8.1f} img/s", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        not_measured.append("the GPU SimCLR step's share of the compute ceiling (>= 50 % target): no GPU in this run")
+    if quick:
+        not_measured.append("quick mode: DDP fp32 only, world size 1, no torch.compile")
+    notes += [f"model: cifar_resnet18 width {s['width']} (model-step grid: width {s['grid']['width']})",
+              "data: synthetic CIFAR-size raw .beton, BadNets 10 % poisoned; the fine-tuning stage's loaders "
+              "read its own split (epsilon 0.5) of an untrained model"]
+    return {"unit": "images/s", "measurements": measurements, "breakdown": breakdown, "model_step": grid_results,
+            "settings": {**s, "quick": quick, "device": str(dev), "workers": workers, "combos": grid,
+                         "flops_per_simclr_image": flops_simclr, "matmul_ceiling_flops": ceilings,
+                         "torch_threads": threads},
+            "targets": targets, "not_measured": not_measured, "notes": notes}

@@ -33,11 +33,8 @@ TEST_COUNT = 64  # build_poison reads the test labels; the benchmarks never load
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DBD_BENCH_CACHE")
-    if root:
-        return Path(root)
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"dbd-bench-cache-{uid}"
+    return Path(os.environ.get("DBD_BENCH_CACHE") or Path(tempfile.gettempdir()) / f"dbd-bench-cache-{uid}")
 
 
 @dataclass
@@ -48,68 +45,38 @@ class BenchSet:
     images: np.ndarray | None  # uint8 (N, 32, 32, 3): the in-memory reference copy (CIFAR-size)
     jpeg_paths: list[str] | None  # JPEG files of the training images (ImageNet-size)
 
-    @property
-    def count(self) -> int:
-        return len(self.labels)
-
-
-class _ArrayDataset:
-    """``(image, label, index)`` items for engine.data.beton.write_beton."""
-
-    def __init__(self, images, labels):
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.images[i], int(self.labels[i]), int(i)
-
-
-def _meta(name: str, labels: np.ndarray, test_labels: np.ndarray, sizes: np.ndarray, test_sizes: np.ndarray,
-          fixed: bool, content_hash: str) -> dict:
-    def split(lab, sz):
-        values, counts = np.unique(lab, return_counts=True)
-        return {"count": int(len(lab)), "label_histogram": {str(int(v)): int(c) for v, c in zip(values, counts)},
-                "height": [int(sz[:, 0].min()), int(sz[:, 0].max())],
-                "width": [int(sz[:, 1].min()), int(sz[:, 1].max())]}
-
-    return {"name": name, "classes": [f"class{c}" for c in range(NUM_CLASSES)], "num_classes": NUM_CLASSES,
-            "splits": {"train": split(labels, sizes), "test": split(test_labels, test_sizes)},
-            "fixed_size": fixed, "content_hash": content_hash, "source": None,
-            "writer": {"write_mode": "raw" if fixed else "jpg", "jpeg_quality": JPEG_QUALITY,
-                       "fields": ["image", "label", "index"]},
-            "notes": {"synthetic": True, "format": FORMAT}, "seconds": 0.0}
-
 
 def _write_set(root: Path, name: str, train_images, labels, test_images, test_labels, fixed: bool) -> dict:
     from engine.data.beton import write_beton
     from engine.fsutil import write_json
 
     root.mkdir(parents=True, exist_ok=True)
-    mode = "raw" if fixed else "jpg"
-    workers = max(1, min(2, os.cpu_count() or 1))
+    splits = {}
     for split, imgs, labs in (("train", train_images, labels), ("test", test_images, test_labels)):
-        write_beton(root / f"{split}.beton", _ArrayDataset(imgs, labs), fixed_size=fixed, write_mode=mode,
-                    max_resolution=0 if fixed else 512, jpeg_quality=JPEG_QUALITY, num_workers=workers,
-                    progress=False)
-    sizes = np.array([im.shape[:2] for im in train_images], dtype=np.int64)
-    test_sizes = np.array([im.shape[:2] for im in test_images], dtype=np.int64)
+        write_beton(root / f"{split}.beton", [(im, int(y), i) for i, (im, y) in enumerate(zip(imgs, labs))],
+                    fixed_size=fixed, write_mode="raw" if fixed else "jpg", max_resolution=0 if fixed else 512,
+                    jpeg_quality=JPEG_QUALITY, num_workers=max(1, min(2, os.cpu_count() or 1)), progress=False)
+        values, counts = np.unique(labs, return_counts=True)
+        sz = np.array([im.shape[:2] for im in imgs], dtype=np.int64)
+        splits[split] = {"count": int(len(labs)),
+                         "label_histogram": {str(int(v)): int(c) for v, c in zip(values, counts)},
+                         "height": [int(sz[:, 0].min()), int(sz[:, 0].max())],
+                         "width": [int(sz[:, 1].min()), int(sz[:, 1].max())]}
     h = hashlib.sha256(f"{name}:{FORMAT}".encode())
     h.update(np.ascontiguousarray(labels).tobytes())
-    meta = _meta(name, labels, test_labels, sizes, test_sizes, fixed, h.hexdigest())
-    write_json(root / "meta.json", meta)
+    meta = {"name": name, "classes": [f"class{c}" for c in range(NUM_CLASSES)], "num_classes": NUM_CLASSES,
+            "splits": splits, "fixed_size": fixed, "content_hash": h.hexdigest(), "source": None,
+            "writer": {"write_mode": "raw" if fixed else "jpg", "jpeg_quality": JPEG_QUALITY,
+                       "fields": ["image", "label", "index"]},
+            "notes": {"synthetic": True, "format": FORMAT}, "seconds": 0.0}
+    write_json(root / "meta.json", meta)  # last: its presence marks a complete set
     return meta
 
 
 def _load_meta(root: Path) -> dict | None:
-    path = root / "meta.json"
-    if not path.is_file():
-        return None
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        meta = json.loads((root / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
         return None
     return meta if meta.get("notes", {}).get("format") == FORMAT else None
 
@@ -174,16 +141,15 @@ def imagenet_like(n: int, seed: int = 0) -> BenchSet:
     return BenchSet(root=root, meta=meta, labels=labels, images=None, jpeg_paths=paths)
 
 
-def poison_runtime(bench: BenchSet, *, image_size: int, decode_size: int, ratio: float = 0.1, target: int = 0,
-                   num_workers: int = 2):
-    """The engine's BadNets poisoning of ``bench`` (BackdoorBench's white 3x3 patch,
-    ``ratio`` of all samples): a PoisonRuntime built in memory, and its config."""
+def poison_runtime(bench: BenchSet, *, image_size: int, decode_size: int, attack: str = "badnets",
+                   ratio: float = 0.1, target: int = 0, num_workers: int = 2):
+    """The engine's poisoning of ``bench`` by ``attack`` (BadNets: BackdoorBench's white
+    3x3 patch), ``ratio`` of all samples: a PoisonRuntime built in memory, and its config."""
     from engine.attacks.runtime import build_poison
     from engine.config import load_config
 
     cfg = load_config(None, [f"data.name={bench.meta['name']}", f"data.root={bench.root}",
                              f"data.image_size={image_size}", f"data.decode_size={decode_size}",
-                             f"data.num_workers={num_workers}", "attack.name=badnets",
-                             f"attack.target={target}", f"attack.ratio={ratio}", "attack.select_from=all",
-                             "attack.badnets.pattern=white3x3"])
+                             f"data.num_workers={num_workers}", f"attack.name={attack}",
+                             f"attack.target={target}", f"attack.ratio={ratio}", "attack.select_from=all"])
     return build_poison(cfg, bench.meta, None), cfg

@@ -7,7 +7,7 @@ import torch
 
 
 def test_summarize_keeps_every_repetition():
-    from benchmarks.measure import summarize
+    from benchmarks.harness import summarize
 
     s = summarize([4.0, 1.0, 3.0, 2.0])
     assert s["reps"] == [4.0, 1.0, 3.0, 2.0]
@@ -18,7 +18,7 @@ def test_summarize_keeps_every_repetition():
 
 
 def test_alternate_warms_up_then_reverses_order_every_round():
-    from benchmarks.measure import alternate
+    from benchmarks.harness import alternate
 
     calls = []
     out = alternate({"a": lambda r: calls.append(("a", r)) or 1.0, "b": lambda r: calls.append(("b", r)) or 2.0},
@@ -28,7 +28,7 @@ def test_alternate_warms_up_then_reverses_order_every_round():
 
 
 def test_comparison_ratio_is_engine_over_reference():
-    from benchmarks.measure import comparison, target
+    from benchmarks.harness import comparison, target
 
     c = comparison("images/s", [10.0, 12.0, 11.0], [2.0, 2.0, 2.0])
     assert c["engine"] == 11.0 and c["reference"] == 2.0 and c["ratio"] == 5.5
@@ -56,7 +56,7 @@ def test_table_lists_comparisons_and_measurements():
 
 
 def test_environment_names_the_machine_and_commit():
-    from benchmarks.suite import environment
+    from benchmarks.harness import environment
 
     env = environment()
     assert env["cpu_count"] >= 1 and env["torch"] == torch.__version__
@@ -106,3 +106,12 @@ def test_reference_datasets_deliver_views_and_poisoned_labels(tmp_path):
     jds = JPEGPoisonDataset([str(path)], [5], [True], 0, BadNetsTrigger.white3x3(224, 224))
     img, label, _ = jds[0]
     assert img.shape == (224, 224, 3) and label == 0 and (img[-21:, -21:] == 255).all()
+
+
+def test_report_renders_a_results_folder_as_markdown(capsys):
+    from benchmarks.harness import REPO
+    from benchmarks.suite import main
+
+    assert main(["--report", str(REPO / "benchmarks" / "recorded" / "2026-11-25_cpu-2vcpu")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| benchmark | figure |") and "| loader | cifar32/simclr/poisoned * |" in out

@@ -96,11 +96,16 @@ def test_benchmark_specific_figures(quick_run):
     assert "cifar32/simclr/poisoned" in loader["comparisons"] and "cifar32/weak/poisoned" in loader["comparisons"]
     assert loader["measurements"]["imagenet224/deliveries_per_sample"]["median"] == 1.0
     assert {t["name"] for t in loader["targets"]}
+    assert set(loader["trigger_by_attack"]["ratio_per_attack"]) == {"badnets", "blended", "wanet"}
+    assert "trigger/wanet/loader_only" in loader["measurements"]
     step = records["step"]
     for stage in ("simclr", "linear", "mixmatch"):
         assert f"{stage}/ddp/fp32/images_per_s" in step["measurements"]
         share = step["measurements"][f"{stage}/ddp/fp32/data_wait_share"]["median"]
         assert 0 <= share <= 1
+        parts = step["breakdown"][f"{stage}/ddp/fp32"]
+        assert parts["data_wait_share"] + parts["views_share"] + parts["model_share"] == pytest.approx(1.0)
+    assert "simclr_model_step/ws1/ddp/fp32/eager" in step["measurements"]  # through harness.run_child
     assert set(records["scaling"]["weak_scaling_efficiency"]) >= {"1", "2"}
     e2e = records["end_to_end"]["comparisons"]
     assert set(e2e) == {"supervised/epoch", "pretrain/epoch", "linear/epoch", "finetune/epoch"}
