@@ -98,7 +98,7 @@ def test_mixmatch_step_ramp_and_ema(digits_root, tmp_path, include_linear):
     cfg = load_config(None, TINY + [f"data.root={digits_root}"])
     _linear_upstream(run_dir, cfg, epochs=7)
     cfg, stage = _stage(digits_root, run_dir, "finetune", "finetune.batch_size=8", "finetune.iterations_per_epoch=4",
-                        "finetune.rampup_epochs=20", "finetune.ema_decay=0.9",
+                        "finetune.rampup_epochs=20", "finetune.ema_decay=0.9", "finetune.adam_from_linear=false",
                         f"finetune.ramp_includes_linear={str(include_linear).lower()}")
     stage.on_epoch_start(2)  # the split, with the linear model, and the loaders over its two parts
     assert len(stage.split.labelled) == int(cfg.finetune.epsilon * 1347)
