@@ -79,7 +79,7 @@ def _view_fns(image_size: int, imagenet: bool):
     over = [f"data.image_size={image_size}"]
     if imagenet:
         over += ["data.decode_size=256", "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]",
-                 "pretrain.views.blur_kernel_size=23", "linear.view.kind=resized_crop"]
+                 "linear.view.kind=resized_crop"]
     cfg = load_config(None, over)
     s_spec, w_spec = simclr_spec(cfg.data, cfg.pretrain.views), WeakAugment(cfg.data, cfg.linear.view).spec
 

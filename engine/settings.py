@@ -81,7 +81,9 @@ class SimCLRViewConfig:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel_size: int = 3
+    # 0 (the reference, MoCo's PIL GaussianBlur(radius=sigma)): each sample's kernel has
+    # 2*ceil(3*sigma)+1 taps, capped by the image; an odd n: torchvision's fixed n taps.
+    blur_kernel_size: int = 0
 
     def validate(self, prefix: str) -> None:
         check(0 < self.scale[0] <= self.scale[1] <= 1, f"{prefix}.scale", "must satisfy 0 < lo <= hi <= 1")
@@ -92,7 +94,10 @@ class SimCLRViewConfig:
             v = getattr(self, name)
             check(0.0 <= v <= 1.0, f"{prefix}.{name}", f"must be in [0, 1], got {v}")
         check(0 <= self.hue <= 0.5, f"{prefix}.hue", "must be in [0, 0.5]")
-        check(self.blur_kernel_size % 2 == 1, f"{prefix}.blur_kernel_size", "must be odd")
+        check(0 < self.blur_sigma[0] <= self.blur_sigma[1], f"{prefix}.blur_sigma", "must satisfy 0 < lo <= hi")
+        k = self.blur_kernel_size
+        check(k == 0 or (k > 0 and k % 2 == 1), f"{prefix}.blur_kernel_size",
+              f"must be 0 (per-sample 2*ceil(3*sigma)+1 taps, the reference) or a positive odd number, got {k}")
 
 
 
@@ -101,8 +106,24 @@ class SimCLRViewConfig:
 class WeakViewConfig:
     kind: str = "pad_crop"  # pad_crop (CIFAR: RandomCrop + padding) | resized_crop (ImageNet)
     padding: int = 4
+    # pad_crop's fill: reflect (the reference's linear and MixMatch views) | constant (zeros:
+    # its BadNets no-defense baseline, torchvision's RandomCrop default) | symmetric | edge
+    padding_mode: str = "reflect"
     scale: tuple[float, float] = (0.2, 1.0)  # resized_crop only
+    # resized_crop's filter: bilinear (torchvision's RandomResizedCrop default) | bicubic
+    # (the reference's Blended no-defense baseline)
+    interpolation: str = "bilinear"
     flip_p: float = 0.5
+
+    def validate(self, prefix: str) -> None:
+        check(self.kind in ("pad_crop", "resized_crop"), f"{prefix}.kind", "must be pad_crop or resized_crop")
+        check(self.padding >= 0, f"{prefix}.padding", "must be >= 0")
+        check(self.padding_mode in ("reflect", "constant", "symmetric", "edge"), f"{prefix}.padding_mode",
+              "must be reflect, constant, symmetric or edge")
+        check(0 < self.scale[0] <= self.scale[1] <= 1, f"{prefix}.scale", "must satisfy 0 < lo <= hi <= 1")
+        check(self.interpolation in ("bicubic", "bilinear"), f"{prefix}.interpolation",
+              "must be bicubic or bilinear")
+        check(0.0 <= self.flip_p <= 1.0, f"{prefix}.flip_p", f"must be in [0, 1], got {self.flip_p}")
 
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -36,7 +37,9 @@ class SimCLRSpec:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel_size: int = 3
+    # 0: each sample's kernel has 2*ceil(3*sigma)+1 taps, a full Gaussian as the reference's
+    # PIL GaussianBlur(radius=sigma); an odd n: torchvision's GaussianBlur(n) (fixed n taps).
+    blur_kernel_size: int = 0
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
 
@@ -64,12 +67,31 @@ class SimCLRSpec:
         if not (0 < slo <= shi):
             raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma!r}")
         k = self.blur_kernel_size
-        if k < 1 or k % 2 == 0:
-            raise ValueError(f"blur_kernel_size must be a positive odd integer, got {k}")
-        # Reflect padding needs pad < size, as torch.nn.functional.pad(mode="reflect") does.
-        if self.blur_p > 0 and k // 2 >= self.size:
-            raise ValueError(f"blur_kernel_size {k} too large for output size {self.size} (reflect padding)")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0 or (k > 0 and k % 2 == 0):
+            raise ValueError(
+                f"blur_kernel_size must be 0 (per-sample 2*ceil(3*sigma)+1 taps) or a positive odd integer "
+                f"(torchvision's fixed kernel), got {k!r}"
+            )
+        # Reflect padding needs pad < size, as torch.nn.functional.pad(mode="reflect") does. The
+        # per-sample rule instead caps each radius at size - 1 (see blur_radius), so it always fits.
+        if self.blur_p > 0 and k > 0 and k // 2 >= self.size:
+            raise ValueError(
+                f"blur_kernel_size {k} too large for output size {self.size} (reflect padding needs "
+                f"kernel_size <= {2 * self.size - 1}); use 0 for the per-sample size"
+            )
         _check_mean_std(self.mean, self.std)
+
+    @property
+    def blur_radius(self) -> int:
+        """The largest blur radius (taps each side) any sample of this spec gets.
+
+        Fixed kernels: kernel_size // 2. Per-sample kernels: ceil(3 * sigma_max), capped at
+        size - 1, the furthest reflect padding reaches; each sample's own radius is
+        min(ceil(3 * sigma), this), so the Triton kernel can unroll 2 * blur_radius + 1 taps.
+        """
+        if self.blur_kernel_size > 0:
+            return self.blur_kernel_size // 2
+        return min(math.ceil(3.0 * self.blur_sigma[1]), self.size - 1)
 
     @property
     def log_ratio(self) -> tuple[float, float]:

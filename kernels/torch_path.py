@@ -165,11 +165,34 @@ def color_jitter(img: torch.Tensor, params: SimCLRParams, spec: SimCLRSpec) -> t
     return img
 
 
-def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """(B, K) 1-D kernels, computed as torchvision's _get_gaussian_kernel1d."""
-    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
-    x = torch.linspace(-lim, lim, steps=kernel_size, dtype=torch.float32, device=sigma.device)
-    return torch.softmax((x[None, :] / sigma[:, None]).pow(2).neg(), dim=1)
+def blur_radii(sigma: torch.Tensor, spec: SimCLRSpec) -> torch.Tensor:
+    """Per-sample blur radius (int64): kernel_size // 2 of a fixed kernel, else the reference's
+    full Gaussian, ceil(3 * sigma) taps each side, capped at spec.blur_radius (<= size - 1).
+
+    The ceil runs in float64 so that the radius is exactly Python's math.ceil(3 * float(sigma)):
+    in float32, 3 * sigma can round onto an integer from just above it and lose a tap.
+    No host sync: the result stays on sigma's device.
+    """
+    cap = spec.blur_radius
+    if spec.blur_kernel_size > 0:
+        return torch.full(sigma.shape, cap, dtype=torch.int64, device=sigma.device)
+    return torch.ceil(sigma.to(torch.float64) * 3.0).to(torch.int64).clamp_(0, cap)
+
+
+def gaussian_kernels(sigma: torch.Tensor, radii: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B, 2 * radius + 1) 1-D kernels; row b is torchvision's _get_gaussian_kernel1d(2 * radii[b] + 1,
+    sigma[b]) centred in the row, with zeros beyond radii[b] (needs radii <= radius).
+
+    torchvision puts its taps at linspace(-lim, lim, k) with lim = (k - 1) / (2 sqrt 2), i.e.
+    tap d at d / sqrt 2, and normalises softmax(-(x / sigma)^2) = exp(-d^2 / (2 sigma^2)) over
+    its own k taps. Masking taps beyond a sample's radius to -inf before the softmax gives
+    exactly that normalisation in one batched call for samples of different sizes.
+    """
+    d = torch.arange(-radius, radius + 1, device=sigma.device)
+    x = d.to(torch.float32) * (1.0 / math.sqrt(2.0))
+    logits = (x[None, :] / sigma[:, None]).pow(2).neg()
+    logits = logits.masked_fill(d.abs()[None, :] > radii[:, None], float("-inf"))
+    return torch.softmax(logits, dim=1)
 
 
 def reflect_index(n: int, pad: int, device) -> torch.Tensor:
@@ -178,18 +201,24 @@ def reflect_index(n: int, pad: int, device) -> torch.Tensor:
     return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
 
-def gaussian_blur(img: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Separable per-sample blur with reflect padding of (N, H, W, 3) images."""
+def gaussian_blur(img: torch.Tensor, sigma: torch.Tensor, radii: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable per-sample blur with reflect padding of (N, H, W, 3) images.
+
+    Sample i is torchvision's gaussian_blur with kernel_size 2 * radii[i] + 1 and sigma[i]:
+    all samples run 2 * radius + 1 taps, and the zero weights beyond a sample's own radius
+    add exact zeros (the padded values they multiply are finite), so a shared padding of
+    `radius` changes nothing. Needs radius < H and W (reflect padding).
+    """
     n, h, w, _ = img.shape
-    pad = kernel_size // 2
-    k = gaussian_kernels(sigma, kernel_size)
-    padded = img[:, reflect_index(h, pad, img.device)]
+    taps = 2 * radius + 1
+    k = gaussian_kernels(sigma, radii, radius)
+    padded = img[:, reflect_index(h, radius, img.device)]
     out = torch.zeros_like(img)
-    for j in range(kernel_size):
+    for j in range(taps):
         out.addcmul_(padded[:, j : j + h], k[:, j, None, None, None])
-    padded = out[:, :, reflect_index(w, pad, img.device)]
+    padded = out[:, :, reflect_index(w, radius, img.device)]
     out = torch.zeros_like(img)
-    for j in range(kernel_size):
+    for j in range(taps):
         out.addcmul_(padded[:, :, j : j + w], k[:, j, None, None, None])
     return out
 
@@ -221,7 +250,11 @@ def _simclr_chunk(images: torch.Tensor, spec: SimCLRSpec, params: SimCLRParams) 
     if spec.blur_p > 0:
         sel = params.blur.nonzero().squeeze(1)
         if sel.numel():
-            img[sel] = gaussian_blur(img[sel], params.sigma[sel], spec.blur_kernel_size)
+            sigma = params.sigma[sel]
+            radii = blur_radii(sigma, spec)
+            # nonzero() has synchronised with the host already; running only as many taps as
+            # the group's widest kernel needs skips taps that are zero for every sample.
+            img[sel] = gaussian_blur(img[sel], sigma, radii, int(radii.max()))
     return img
 
 

@@ -18,7 +18,9 @@ Structure (one launch for all views, then two blur passes that only touch blurre
    first sweep is skipped for samples without jitter.
 2. `_blur_pass` twice (vertical into a second scratch buffer, then horizontal fused with
    normalisation and the cast): separable Gaussian with reflect padding, weights
-   precomputed per sample. Programs of unblurred samples mask every load and store.
+   precomputed per sample. K taps cover the spec's widest kernel; a sample's weights are
+   zero beyond its own radius (2*ceil(3*sigma)+1 taps by default) and those loads are
+   masked. Programs of unblurred samples mask every load and store.
 
 Arithmetic follows torch_path (itself checked against torchvision) operation by operation;
 remaining differences are fp32 rounding (FMA contraction, approximate division on GPU).
@@ -32,7 +34,7 @@ import triton.language as tl
 
 from .params import CONTRAST, SimCLRParams
 from .specs import SimCLRSpec
-from .torch_path import gaussian_kernels
+from .torch_path import blur_radii, gaussian_kernels
 
 _MAX_BLOCK = 1024
 
@@ -311,13 +313,18 @@ def _blur_pass(
     b = tl.zeros((BLOCK,), tl.float32)
     for k in tl.static_range(K):
         w = tl.load(w_ptr + row * K + k)
+        # K // 2 <= S - 1 (SimCLRSpec.blur_radius), so one reflection keeps every index in the image.
         if VERTICAL:
             idx = _reflect(y + (k - K // 2), S) * S + x
         else:
             idx = y * S + _reflect(x + (k - K // 2), S)
-        r += w * tl.load(img + idx * 3, mask=mask, other=0.0)
-        g += w * tl.load(img + idx * 3 + 1, mask=mask, other=0.0)
-        b += w * tl.load(img + idx * 3 + 2, mask=mask, other=0.0)
+        # Taps beyond this sample's own radius have weight exactly 0: skip their loads (w * 0 = 0
+        # is what they would add anyway), so small-sigma samples do not pay for the widest kernel.
+        # (A select, not `mask & (w != 0.0)`: the interpreter cannot `&` a block with a float compare.)
+        tap = tl.where(w != 0.0, mask, False)
+        r += w * tl.load(img + idx * 3, mask=tap, other=0.0)
+        g += w * tl.load(img + idx * 3 + 1, mask=tap, other=0.0)
+        b += w * tl.load(img + idx * 3 + 2, mask=tap, other=0.0)
     o = (row.to(tl.int64) * (S * S) + offs) * 3
     if FINAL:
         ty = out_ptr.dtype.element_ty
@@ -399,10 +406,15 @@ def simclr_views(
         num_warps=_warps(blk),
     )
     if do_blur:
-        weights = torch.cat([gaussian_kernels(p.sigma, spec.blur_kernel_size) for p in params]).contiguous()
+        # K is fixed by the spec (2 * blur_radius + 1: sigma_max's kernel, or the fixed one), not
+        # by the batch, so no host sync and one compiled variant per spec; each row holds its
+        # sample's own torchvision kernel, zero beyond its radius.
+        radius = spec.blur_radius
+        weights = torch.cat([gaussian_kernels(p.sigma, blur_radii(p.sigma, spec), radius) for p in params])
+        weights = weights.contiguous()
         mid = torch.empty_like(scratch)
         grid = (b, n_views, n_tiles)
-        common = dict(S=s, K=spec.blur_kernel_size, BLOCK=blk, num_warps=_warps(blk))
+        common = dict(S=s, K=2 * radius + 1, BLOCK=blk, num_warps=_warps(blk))
         _blur_pass[grid](scratch, mid, ip, weights, b, m[0], m[1], m[2], sd[0], sd[1], sd[2],
                          VERTICAL=True, FINAL=False, **common)
         _blur_pass[grid](mid, out, ip, weights, b, m[0], m[1], m[2], sd[0], sd[1], sd[2],

@@ -33,10 +33,34 @@ def simclr_transform(spec):
         T.RandomHorizontalFlip(p=spec.flip_p),
         T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p),
         T.RandomGrayscale(p=spec.grayscale_p),
-        T.RandomApply([T.GaussianBlur(spec.blur_kernel_size, sigma=tuple(spec.blur_sigma))], p=spec.blur_p),
+        T.RandomApply([_blur(spec)], p=spec.blur_p),
         T.ToTensor(),
         T.Normalize(spec.mean, spec.std),
     ])
+
+
+class MoCoBlur:
+    """The reference's blur (MoCo's): PIL ``GaussianBlur(radius=sigma)``, sigma drawn
+    uniformly per image, in pixels at the view's resolution."""
+
+    def __init__(self, sigma: tuple[float, float]):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        import random
+
+        from PIL import ImageFilter
+
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def _blur(spec):
+    import torchvision.transforms as T
+
+    # blur_kernel_size 0 is the reference's per-sigma blur; a fixed n is torchvision's.
+    if spec.blur_kernel_size == 0:
+        return MoCoBlur(tuple(spec.blur_sigma))
+    return T.GaussianBlur(spec.blur_kernel_size, sigma=tuple(spec.blur_sigma))
 
 
 def weak_transform(spec):

@@ -5,8 +5,10 @@ The DBD reference blends with PIL's ``Image.blend`` and BackdoorBench with NumPy
 x being an integer), the result depends only on t - x, so the kernel looks it up in a
 511-entry table computed by this very rule: exact by construction.
 
-``t`` is a full-frame pattern: an image file resized (bilinear) to the frame, or
-seeded uniform noise drawn at the frame size (the image-free default).
+``t`` is a full-frame pattern: an image file resized to the frame with PIL's
+``resample`` filter (the DBD reference calls ``Image.resize`` with PIL's default, which
+is bicubic in the Pillow it pins; BackdoorBench resizes bilinearly), or seeded uniform
+noise drawn at the frame size (image-free, a deviation from both references).
 """
 from __future__ import annotations
 
@@ -22,11 +24,22 @@ from engine.errors import UserError, check
 @dataclass
 class BlendedConfig:
     alpha: float = 0.1  # DBD reference; BackdoorBench uses 0.2
-    pattern: str = "noise"  # "noise" (seeded uniform) or a path to an image file
+    # A path to the pattern image (the reference's data/trigger/hello_kitty.png, which the
+    # project does not ship), or "noise": seeded uniform noise, the image-free deviation.
+    pattern: str = "noise"
     pattern_seed: int = 0
+    resample: str = "bicubic"  # PIL filter resizing an image pattern: bicubic (DBD) | bilinear (BackdoorBench) | nearest
 
     def validate(self) -> None:
         check(0.0 <= self.alpha <= 1.0, "attack.blended.alpha", f"must be in [0, 1], got {self.alpha}")
+        check(self.resample in RESAMPLE, "attack.blended.resample",
+              f"must be one of {', '.join(RESAMPLE)}, got {self.resample!r}")
+
+
+RESAMPLE = ("bicubic", "bilinear", "nearest")
+# Where the DBD presets' pattern comes from: named in the error, so a missing file says how to fix it.
+REFERENCE_PATTERN = ("hello_kitty.png from the DBD reference repository, "
+                     "https://github.com/SCLBD/DBD/tree/main/data/trigger")
 
 
 def blend(x: np.ndarray, t: np.ndarray, alpha: float) -> np.ndarray:
@@ -36,14 +49,22 @@ def blend(x: np.ndarray, t: np.ndarray, alpha: float) -> np.ndarray:
     return (x + step).astype(np.uint8)
 
 
-def make_pattern(spec: str, frame: tuple[int, int], seed: int, what: str = "attack.blended") -> np.ndarray:
+def make_pattern(spec: str, frame: tuple[int, int], seed: int, resample: str = "bicubic",
+                 what: str = "attack.blended") -> np.ndarray:
     fh, fw = frame
     if spec == "noise":
         return np.random.default_rng(seed).integers(0, 256, size=(fh, fw, 3), dtype=np.uint8)
+    from pathlib import Path
+
     from PIL import Image
 
+    if not Path(spec).is_file():
+        raise UserError(f"{what}.pattern: pattern file not found: {spec}. The DBD presets blend "
+                        f"{REFERENCE_PATTERN} (not shipped with this project): download it and set "
+                        f"{what}.pattern=PATH, or {what}.pattern=noise for the image-free pattern")
     rgb, _ = load_rgb(spec, what)
-    return np.asarray(Image.fromarray(rgb).resize((fw, fh), Image.BILINEAR), dtype=np.uint8)
+    filters = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+    return np.asarray(Image.fromarray(rgb).resize((fw, fh), filters[resample]), dtype=np.uint8)
 
 
 class Blended(Attack):
@@ -60,7 +81,7 @@ class Blended(Attack):
 
     @classmethod
     def from_config(cls, section: BlendedConfig, ctx) -> "Blended":
-        return cls(make_pattern(section.pattern, ctx.frame, section.pattern_seed), section.alpha)
+        return cls(make_pattern(section.pattern, ctx.frame, section.pattern_seed, section.resample), section.alpha)
 
     def apply(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
         check_images(images)

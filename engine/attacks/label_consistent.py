@@ -38,22 +38,50 @@ class LabelConsistentConfig:
     # use the run's own ``supervised`` stage on clean data (``dbd attack-prepare``).
     model: str = ""
     perturbations: str = ""  # cache written by ``dbd attack-prepare``; empty = run dir
-    # The quick clean classifier ``dbd attack-prepare`` trains when ``model`` is empty.
-    train_epochs: int = 5
-    train_lr: float = 0.05
+    # The clean surrogate ``dbd attack-prepare`` trains when ``model`` is empty: a recipe
+    # of SURROGATE_RECIPES ("reference" is BackdoorBench's; "short" is for the demo and
+    # the tests), with ``train_epochs`` / ``train_lr`` overriding it when set (> 0).
+    surrogate: str = "reference"
+    train_epochs: int = 0
+    train_lr: float = 0.0
     batch_size: int = 128
 
     def validate(self) -> None:
         check(self.steps >= 1, "attack.label_consistent.steps", "must be >= 1")
         check(0 < self.eps <= 1, "attack.label_consistent.eps", "must be in (0, 1]")
         check(self.step_size > 0, "attack.label_consistent.step_size", "must be > 0")
-        check(self.train_epochs >= 1, "attack.label_consistent.train_epochs", "must be >= 1")
+        check(self.surrogate in SURROGATE_RECIPES, "attack.label_consistent.surrogate",
+              f"must be one of {', '.join(SURROGATE_RECIPES)}, got {self.surrogate!r}")
+        check(self.train_epochs >= 0, "attack.label_consistent.train_epochs", "must be >= 0 (0 = the recipe's)")
+        check(self.train_lr >= 0, "attack.label_consistent.train_lr", "must be >= 0 (0 = the recipe's)")
         check(self.batch_size >= 1, "attack.label_consistent.batch_size", "must be >= 1")
+
+    def surrogate_recipe(self) -> "SurrogateRecipe":
+        recipe = SURROGATE_RECIPES[self.surrogate]
+        return SurrogateRecipe(epochs=self.train_epochs or recipe.epochs, lr=self.train_lr or recipe.lr)
+
+
+@dataclass(frozen=True)
+class SurrogateRecipe:
+    """SGD (momentum 0.9, weight decay 5e-4) with a per-epoch cosine schedule from ``lr``
+    to 0, on RandomCrop(padding 4, zero fill) + flip views: BackdoorBench's clean training."""
+
+    epochs: int
+    lr: float
+
+
+SURROGATE_RECIPES = {
+    # BackdoorBench trains its PGD surrogate at its defaults: 100 epochs, SGD lr 0.01, cosine.
+    "reference": SurrogateRecipe(epochs=100, lr=0.01),
+    # A deviation for small machines: the demo and the tests. It leaves a weaker surrogate,
+    # so fewer perturbations fool it and the attack is weaker.
+    "short": SurrogateRecipe(epochs=5, lr=0.05),
+}
 
 
 # Where the model and cache live, and how the helper classifier is trained, do not
 # define the trigger.
-_NOT_TRIGGER = ("model", "perturbations", "train_epochs", "train_lr", "batch_size")
+_NOT_TRIGGER = ("model", "perturbations", "surrogate", "train_epochs", "train_lr", "batch_size")
 
 CORNER_FRAME = 32  # the corner patterns are defined at 32 px and scaled with the image
 # The four corners of the original pattern, rows top to bottom and columns left to
@@ -274,32 +302,36 @@ def _loader_spec(cfg, indices, *, shuffle: bool, batch_size: int, seed: int = 0)
 
 
 def train_classifier(cfg, num_classes: int, n_train: int, device, log=print):
-    """A quick clean classifier: plain SGD with flips, a few epochs over the clean set."""
+    """The clean surrogate, by ``attack.label_consistent``'s recipe (SurrogateRecipe)."""
     import torch
     import torch.nn.functional as F
+
+    from kernels import WeakSpec, weak_view
 
     from engine.data.loaders import make_loader
     from engine.models import Classifier
 
     lc = cfg.attack.label_consistent
+    recipe = lc.surrogate_recipe()
     torch.manual_seed(cfg.seed)
     model = Classifier(cfg.model.arch, cfg.model.width, num_classes).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=lc.train_lr, momentum=0.9, weight_decay=5e-4)
-    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, weight_decay=5e-4)
+    # Per epoch, like BackdoorBench's CosineAnnealingLR(T_max=epochs).
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
+    # BackdoorBench's clean training view: RandomCrop(padding 4), zero fill, + flip.
+    view = WeakSpec(size=cfg.data.image_size, padding=4, padding_mode="constant",
+                    flip_p=0.5 if cfg.data.horizontal_flip else 0.0,
+                    mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
     loader = make_loader(_loader_spec(cfg, np.arange(n_train), shuffle=True, batch_size=lc.batch_size,
                                       seed=cfg.seed))
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model.train()
-    for epoch in range(lc.train_epochs):
+    for epoch in range(recipe.epochs):
         t0, seen, correct, total_loss = time.time(), 0, 0, 0.0
         for images, labels, _ in loader:
-            x = images.to(device).permute(0, 3, 1, 2).float().div_(255)
-            if cfg.data.horizontal_flip:
-                flip = (torch.rand(len(x), generator=gen) < 0.5).to(device)
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            x, _ = weak_view(images.to(device), view, generator=gen)
             y = labels.to(device)
-            logits = model(_normalize(x, mean, std))
+            logits = model(x)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -307,7 +339,8 @@ def train_classifier(cfg, num_classes: int, n_train: int, device, log=print):
             seen += len(y)
             total_loss += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
-        log(f"[attack-prepare] classifier epoch {epoch + 1}/{lc.train_epochs}: loss {total_loss / seen:.3f}, "
+        schedule.step()
+        log(f"[attack-prepare] surrogate epoch {epoch + 1}/{recipe.epochs}: loss {total_loss / seen:.3f}, "
             f"train accuracy {100 * correct / seen:.1f}%, {time.time() - t0:.1f} s")
     return model
 
@@ -350,10 +383,12 @@ def prepare(cfg, meta: dict, runtime, run_dir: Path | None, *, log=print) -> Pat
         source = str(Path(lc.model).resolve())
         log(f"[attack-prepare] PGD against {source}")
     else:
-        log(f"[attack-prepare] no attack.label_consistent.model: training a clean classifier "
-            f"({lc.train_epochs} epochs) on {device}")
+        recipe = lc.surrogate_recipe()
+        log(f"[attack-prepare] no attack.label_consistent.model: training a clean surrogate "
+            f"({lc.surrogate} recipe: {recipe.epochs} epochs, SGD lr {recipe.lr}, cosine) on {device}")
         model = train_classifier(cfg, num_classes, n_train, device, log)
-        source = f"trained here: {cfg.model.arch} width {cfg.model.width}, {lc.train_epochs} epochs"
+        source = (f"trained here: {cfg.model.arch} width {cfg.model.width}, {lc.surrogate} recipe, "
+                  f"{recipe.epochs} epochs, lr {recipe.lr}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -40,6 +40,7 @@ class FinetuneLabelledConfig:
 
     def validate(self) -> None:
         check(self.epochs >= 1, "finetune_labelled.epochs", "must be >= 1")
+        self.view.validate("finetune_labelled.view")
         check(0.0 < self.epsilon < 1.0, "finetune_labelled.epsilon", f"must be in (0, 1), got {self.epsilon}")
 
 

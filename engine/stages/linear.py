@@ -36,6 +36,7 @@ class LinearConfig:
 
     def validate(self) -> None:
         check(self.epochs >= 1, "linear.epochs", "must be >= 1")
+        self.view.validate("linear.view")
         check(self.backbone_bn in ("train", "frozen"), "linear.backbone_bn", "must be train or frozen")
 
 

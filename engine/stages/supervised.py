@@ -33,6 +33,7 @@ class SupervisedConfig:
 
     def validate(self) -> None:
         check(self.epochs >= 1, "supervised.epochs", "must be >= 1")
+        self.view.validate("supervised.view")
 
 
 def lr_at(epoch: int, base: float, milestones, gamma: float) -> float:

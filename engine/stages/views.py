@@ -12,8 +12,15 @@ from engine.settings import DataConfig, SimCLRViewConfig, WeakViewConfig
 
 
 def simclr_spec(data: DataConfig, views: SimCLRViewConfig):
+    from engine.errors import check
     from kernels import SimCLRSpec
 
+    # The config check cannot see data.image_size; a fixed kernel must fit reflect padding
+    # (kernel_size // 2 < size). 0 (per sample) caps itself at the image and always fits.
+    k = views.blur_kernel_size
+    check(views.blur_p == 0 or k // 2 < data.image_size, "pretrain.views.blur_kernel_size",
+          f"{k} is too large for data.image_size {data.image_size} (at most {2 * data.image_size - 1}; "
+          "0 sizes each sample's kernel to its sigma)")
     return SimCLRSpec(
         size=data.image_size, scale=tuple(views.scale), ratio=tuple(views.ratio),
         interpolation=views.interpolation,
@@ -37,12 +44,12 @@ class WeakAugment:
         flip = self.view.flip_p if self.data.horizontal_flip else 0.0
         mean, std = tuple(self.data.mean), tuple(self.data.std)
         if self.view.kind == "pad_crop":
-            self.spec = WeakSpec(size=self.data.image_size, padding=self.view.padding, padding_mode="reflect",
+            self.spec = WeakSpec(size=self.data.image_size, padding=self.view.padding, padding_mode=self.view.padding_mode,
                                  flip_p=flip, mean=mean, std=std)
         else:
             # RandomResizedCrop + flip is the SimCLR view with every colour op off.
             self.spec = SimCLRSpec(size=self.data.image_size, scale=tuple(self.view.scale), flip_p=flip,
-                                   jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, interpolation="bilinear",
+                                   jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, interpolation=self.view.interpolation,
                                    mean=mean, std=std)
 
     def __call__(self, images: torch.Tensor, *, seed: int, epoch: int, step: int, rank: int,

@@ -199,9 +199,26 @@ def test_attack_prepare_with_a_given_model_then_training_uses_the_cache(digits_r
 def test_attack_prepare_trains_its_own_classifier(digits_root, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", digits_root, "label_consistent", run_dir=tmp_path / "run",
                        ratio=0.5, clean_label_ratio_of="class")
-    assert dbd(["attack-prepare", str(cfg), "model.width=4", "attack.label_consistent.train_epochs=1",
-                "attack.label_consistent.steps=1", "attack.label_consistent.batch_size=512"]) == 0
-    assert json.loads((tmp_path / "run" / "lc_perturbations.json").read_text())["model"].startswith("trained here")
+    assert dbd(["attack-prepare", str(cfg), "model.width=4", "attack.label_consistent.surrogate=short",
+                "attack.label_consistent.train_epochs=1", "attack.label_consistent.steps=1",
+                "attack.label_consistent.batch_size=512"]) == 0
+    source = json.loads((tmp_path / "run" / "lc_perturbations.json").read_text())["model"]
+    assert source.startswith("trained here") and "short recipe, 1 epochs, lr 0.05" in source
+
+
+def test_surrogate_recipes():
+    """The default is BackdoorBench's clean training (shared/reference/attacks.md: 100
+    epochs, SGD lr 0.01, cosine); "short" is the named small-machine recipe."""
+    from engine.attacks.label_consistent import LabelConsistentConfig
+
+    reference = LabelConsistentConfig().surrogate_recipe()
+    assert (reference.epochs, reference.lr) == (100, 0.01)
+    short = LabelConsistentConfig(surrogate="short").surrogate_recipe()
+    assert (short.epochs, short.lr) == (5, 0.05)
+    custom = LabelConsistentConfig(surrogate="short", train_epochs=2, train_lr=0.1).surrogate_recipe()
+    assert (custom.epochs, custom.lr) == (2, 0.1)
+    with pytest.raises(UserError, match="attack.label_consistent.surrogate"):
+        LabelConsistentConfig(surrogate="long").validate()
 
 
 def test_lc_cache_is_checked_against_the_plan(digits_root, tmp_path):

@@ -46,8 +46,9 @@ def main() -> int:
                     dict(S=32, BLOCK=1024, N_TILES=1, BICUBIC=True, DO_HUE=True), 8)
     compile_variant(triton_simclr._simclr_kernel, "*fp32",
                     dict(S=224, BLOCK=1024, N_TILES=49, BICUBIC=False, DO_HUE=False), 8)
+    # Blur: the default per-sample kernels unroll K = 13 (sigma_max 2) at any size; 23 is a fixed kernel.
     compile_variant(triton_simclr._blur_pass, "*fp32", dict(S=224, K=23, BLOCK=1024, VERTICAL=True, FINAL=False), 8)
-    compile_variant(triton_simclr._blur_pass, "*fp16", dict(S=32, K=3, BLOCK=1024, VERTICAL=False, FINAL=True), 8)
+    compile_variant(triton_simclr._blur_pass, "*fp16", dict(S=32, K=13, BLOCK=1024, VERTICAL=False, FINAL=True), 8)
     for mode in range(4):
         compile_variant(triton_weak._crop_kernel, "*fp32",
                         dict(OUT_H=32, OUT_W=32, PAD=4, MODE=mode, HAS_PARAMS=True, BLOCK=1024), 8)

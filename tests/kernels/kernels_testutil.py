@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import replace
 
 import torch
@@ -38,6 +39,14 @@ def covering_simclr_params(batch: int, h: int, w: int, spec, seed: int = 0):
     )
 
 
+def reference_kernel_size(sigma: float, spec) -> int:
+    """The kernel size a per-sample torchvision call gets: the spec's fixed size, or 2*ceil(3*sigma)+1
+    with the radius capped at size - 1 (reflect padding), written out here independently of kernels."""
+    if spec.blur_kernel_size:
+        return spec.blur_kernel_size
+    return 2 * min(math.ceil(3.0 * sigma), spec.size - 1) + 1
+
+
 def torchvision_simclr(image_hwc: torch.Tensor, spec, p, i: int) -> torch.Tensor:
     """Sample i through torchvision v2 with the same parameters, float32 CHW in [0, 1] (no normalise).
 
@@ -67,8 +76,8 @@ def torchvision_simclr(image_hwc: torch.Tensor, spec, p, i: int) -> torch.Tensor
     if p.grayscale[i]:
         x = F.rgb_to_grayscale(x, num_output_channels=3)
     if p.blur[i]:
-        gb = T.GaussianBlur(spec.blur_kernel_size, sigma=spec.blur_sigma)
         s = float(p.sigma[i])
+        gb = T.GaussianBlur(reference_kernel_size(s, spec), sigma=spec.blur_sigma)
         x = gb.transform(x, dict(sigma=[s, s]))
     return x
 

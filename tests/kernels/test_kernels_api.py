@@ -124,6 +124,7 @@ def test_weak_input_too_small():
         (dict(hue=0.6), "hue"),
         (dict(contrast=-0.1), "contrast"),
         (dict(blur_kernel_size=4), "odd"),
+        (dict(blur_kernel_size=-1), "0 \\(per-sample"),
         (dict(blur_sigma=(0.0, 1.0)), "blur_sigma"),
         (dict(size=3, blur_kernel_size=7), "too large"),
         (dict(std=(0.2, 0.0, 0.2)), "std"),

@@ -18,8 +18,11 @@ ATOL = 2e-5
 
 CASES = [
     # (H, W, spec kwargs): odd sizes, non-square sources, upsampling and downsampling crops.
+    # Default specs blur each sample with its own 2*ceil(3*sigma)+1 taps (up to 13 at sigma 2,
+    # radius 6 = size - 1 at size 7); size 4 caps the radius at 3; the 5s are fixed kernels.
     (9, 11, dict(size=7)),
     (32, 32, dict()),
+    (9, 11, dict(size=4)),
     (40, 23, dict(size=16, blur_kernel_size=5)),
     (9, 11, dict(size=7, interpolation="bilinear")),
     (40, 23, dict(size=16, interpolation="bilinear", blur_kernel_size=5, hue=0.0, brightness=0.0)),

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,11 +84,28 @@ def test_simclr_single_tile(interpolation, dtype):
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 def test_simclr_multi_tile_two_sweeps(interpolation):
     # block=16 splits the 49 pixels into 4 tiles: the contrast mean then comes from the
-    # separate first sweep, and tile edges cut through rows; K=5 blur reaches 2 rows across.
+    # separate first sweep, and tile edges cut through rows; the fixed K=5 blur reaches 2 rows
+    # across (the default per-sample kernels run in test_simclr_single_tile).
     spec = SimCLRSpec(size=7, interpolation=interpolation, blur_kernel_size=5)
     images = random_images(8, 9, 11, seed=4)
     params = [covering_simclr_params(8, 9, 11, spec, seed=5)]
     _check_simclr(images, spec, params, torch.float32, block=16)
+
+
+@here
+@pytest.mark.parametrize("kernel_size", [0, 7])
+def test_blur_per_sample_and_fixed_kernels(kernel_size):
+    # Every sample blurred, with radii 1..6 (per sample) against the 9 taps (radius 4 = size - 1)
+    # the kernel unrolls at size 5: the widest ones are capped by the image, the narrow ones
+    # have zero weights and masked loads over most taps; 2 tiles of 16 cut through rows.
+    # kernel_size 7 is torchvision's fixed kernel (radius 3) for every sample.
+    spec = SimCLRSpec(size=5, blur_kernel_size=kernel_size, blur_p=1.0)
+    assert spec.blur_radius == (4 if kernel_size == 0 else 3)
+    images = random_images(6, 9, 11, seed=13)
+    p = covering_simclr_params(6, 9, 11, spec, seed=14)
+    p = replace(p, blur=torch.ones(6, dtype=torch.bool),
+                sigma=torch.tensor([0.1, 0.34, 0.9, 1.2, 1.6, 2.0], dtype=torch.float32))
+    _check_simclr(images, spec, [p], torch.float32, block=16)
 
 
 @here
