@@ -138,17 +138,35 @@ class DistributedConfig:
     # Learning-rate scaling when the effective global batch differs from the
     # configured one: none | linear | sqrt.
     lr_scaling: str = "none"
+    # torch.compile of the model every stage's step runs (forward and backward graphs).
     compile: bool = False
+    # torch.compile's mode: default | reduce-overhead (adds CUDA graphs on CUDA: one
+    # replay per step instead of a launch per kernel, for fixed-shape steps such as
+    # MixMatch's many small ones) | max-autotune (also autotunes matmuls/convolutions).
+    compile_mode: str = "default"
     channels_last: bool = True
     timeout_s: int = 600  # a dead rank ends the job after this many seconds
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
     # Gradient-norm clipping for both backends (0 = off, the reference). A DeepSpeed JSON
     # must agree or leave gradient_clipping out (DeepSpeed >= 0.19.3 defaults it to 1.0).
     grad_clip: float = 0.0
+    # torch.distributed backend: auto (NCCL on CUDA, gloo on CPU) | nccl | gloo. gloo on
+    # CUDA lets several processes share one GPU (NCCL refuses that), e.g. to check
+    # multi-process behaviour on a single GPU.
+    process_group: str = "auto"
+    # CUDA only (a CPU run leaves both alone): cuDNN picks the fastest convolution per
+    # shape (every shape is fixed), and TF32 tensor cores for fp32 matmuls and
+    # convolutions (Ampere+; 10-bit mantissa: tf32=false keeps fp32 numerics throughout).
+    cudnn_benchmark: bool = True
+    tf32: bool = True
 
     def validate(self) -> None:
         check(self.backend in ("ddp", "deepspeed"), "distributed.backend",
                f"unknown backend {self.backend!r}: must be ddp or deepspeed")
+        check(self.compile_mode in ("default", "reduce-overhead", "max-autotune"), "distributed.compile_mode",
+              f"must be default, reduce-overhead or max-autotune, got {self.compile_mode!r}")
+        check(self.process_group in ("auto", "nccl", "gloo"), "distributed.process_group",
+              f"unknown process group {self.process_group!r}: must be auto, nccl or gloo")
         check(self.batch_semantics in ("global", "per_rank"), "distributed.batch_semantics",
                "must be global or per_rank")
         check(self.lr_scaling in ("none", "linear", "sqrt"), "distributed.lr_scaling", "must be none, linear or sqrt")

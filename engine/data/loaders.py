@@ -1,7 +1,13 @@
 """FFCV loaders for every stage.
 
+FFCV itself is imported inside the functions that build loaders, so the modules above
+this one (the run's data object, the stages) import without FFCV installed.
+
 A loader delivers the raw uint8 NHWC image (trigger already applied, no augmentation),
-the (possibly poisoned) label and the dataset index of each sample, all as CPU tensors.
+the (possibly poisoned) label and the dataset index of each sample. On CUDA the image
+and label pipelines end in FFCV's ``ToDevice``: FFCV then stages them in pinned host
+memory and copies them on its own stream, ahead of the step that needs them. The index
+stays on the host, where the split and the subsets use it.
 Views are cut afterwards on the device by ``kernels`` (GPU: Triton; CPU: PyTorch), so
 the loader does one decode per sample and no per-sample augmentation work.
 """
@@ -14,7 +20,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from engine.data.beton import open_beton
-from engine.data.order import ShardedOrder
+from engine.data.order import sharded_order_class
 from engine.errors import UserError
 
 
@@ -51,6 +57,7 @@ class LoaderSpec:
     train: bool = True  # variable-size data: full-square centre crop (True) or Resize+CenterCrop 224/256
     os_cache: bool = True
     batches_ahead: int = 3
+    device: str = "cpu"  # a CUDA device ends the image and label pipelines in ToDevice
 
 
 # Eval-mode framing of variable-size data: Resize(256) + CenterCrop(224), i.e. a centre
@@ -111,8 +118,9 @@ def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
             decoder = CenterCropRGBImageDecoder((spec.decode_size, spec.decode_size), ratio=crop_ratio(spec.train))
     image_pipe = [decoder] + image_ops + [ToTensor()]
     label_pipe = [IntDecoder()] + (poison.label_ops() if poison else []) + [ToTensor(), Squeeze(1)]
+    image_pipe, label_pipe = image_pipe + on_device(spec.device), label_pipe + on_device(spec.device)
     index_pipe = [IntDecoder(), ToTensor(), Squeeze(1)]
-    order = ShardedOrder(seed=spec.seed, shuffle=spec.shuffle, rank=spec.rank, world_size=spec.world_size)
+    order = sharded_order_class()(seed=spec.seed, shuffle=spec.shuffle, rank=spec.rank, world_size=spec.world_size)
     return Loader(
         str(path),
         batch_size=spec.batch_size,
@@ -124,6 +132,19 @@ def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
         drop_last=spec.drop_last,
         batches_ahead=spec.batches_ahead,
     )
+
+
+def on_device(device: str) -> list:
+    """The operations that end a pipeline on ``device``: none on a CPU; on CUDA a
+    non-blocking ``ToDevice`` (FFCV pins the host buffer it copies from)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return []
+    from ffcv.transforms import ToDevice
+
+    return [ToDevice(dev, non_blocking=True)]
 
 
 def set_indices(loader, indices: Sequence[int]) -> None:
@@ -140,7 +161,7 @@ def set_indices(loader, indices: Sequence[int]) -> None:
     if idx.min() < 0 or idx.max() >= n:
         raise UserError(f"loader subset has indices outside [0, {n})")
     order = loader.traversal_order
-    if not isinstance(order, ShardedOrder):
+    if not isinstance(order, sharded_order_class()):
         raise TypeError("set_indices needs a loader built by make_loader")
     loader.indices = idx
     order.indices = idx

@@ -5,13 +5,17 @@ process group even to build a loader) and its SEQUENTIAL/RANDOM orders cannot be
 re-seeded per epoch from outside. This order is a pure function of
 (indices, seed, epoch, rank, world_size): every rank draws the same permutation and
 takes its own stride of it, so resuming at an epoch reproduces that epoch exactly.
+
+FFCV is imported only inside :func:`sharded_order_class`: the in-memory loader
+(``engine.data.memory``) shares :func:`shard_order`, and the stages import this
+package's modules where FFCV is not installed.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
-from ffcv.traversal_order.base import TraversalOrder
 
 
 def shard_order(indices: np.ndarray, *, seed: int, epoch: int, shuffle: bool, rank: int,
@@ -30,26 +34,32 @@ def shard_order(indices: np.ndarray, *, seed: int, epoch: int, shuffle: bool, ra
     return order
 
 
-class ShardedOrder(TraversalOrder):
-    """FFCV traversal order built from an instance: FFCV calls ``order(loader)``."""
+@functools.cache
+def sharded_order_class() -> type:
+    """The FFCV traversal order built from an instance (FFCV calls ``order(loader)``).
 
-    def __init__(self, *, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
-        self.seed = seed
-        self.shuffle = shuffle
-        self.rank = rank
-        self.world_size = world_size
+    FFCV checks ``isinstance(order, TraversalOrder)`` and then calls ``order(loader)``:
+    an instance with ``__call__`` satisfies both. The class is made on first use, so
+    importing this module never imports FFCV; it is cached, so ``isinstance`` against
+    it is stable."""
+    from ffcv.traversal_order.base import TraversalOrder
 
-    def __call__(self, loader) -> "ShardedOrder":
-        self.loader = loader
-        self.indices = np.asarray(loader.indices, dtype=np.int64)
-        self.distributed = False
-        self.sampler = None
-        return self
+    class ShardedOrder(TraversalOrder):
+        def __init__(self, *, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
+            self.seed = seed
+            self.shuffle = shuffle
+            self.rank = rank
+            self.world_size = world_size
 
-    def sample_order(self, epoch: int) -> Sequence[int]:
-        return shard_order(self.indices, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
-                           rank=self.rank, world_size=self.world_size)
+        def __call__(self, loader) -> "ShardedOrder":
+            self.loader = loader
+            self.indices = np.asarray(loader.indices, dtype=np.int64)
+            self.distributed = False
+            self.sampler = None
+            return self
 
+        def sample_order(self, epoch: int) -> Sequence[int]:
+            return shard_order(self.indices, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                               rank=self.rank, world_size=self.world_size)
 
-# FFCV checks ``isinstance(order, TraversalOrder)`` and then calls ``order(loader)``:
-# an instance with __call__ satisfies both.
+    return ShardedOrder

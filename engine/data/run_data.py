@@ -61,7 +61,8 @@ class RunData:
             LoaderSpec(root=c.root, split=split, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                        seed=seed, rank=self.dist.rank if sharded else 0,
                        world_size=self.dist.world_size if sharded else 1, num_workers=c.num_workers,
-                       indices=indices, decode_size=c.decode_side, train=train, os_cache=c.os_cache),
+                       indices=indices, decode_size=c.decode_side, train=train, os_cache=c.os_cache,
+                       device=str(self.dist.device)),
             poison=poison_ops)
 
     def _train_ops(self):

@@ -11,22 +11,30 @@ def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def mixup(inputs: torch.Tensor, targets: torch.Tensor, alpha: float,
-          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mix each sample with a random partner; lambda = max(lambda, 1 - lambda) keeps the
-    mixed sample closer to its own input, so labelled/unlabelled identities survive."""
-    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if generator is None else _beta(alpha, generator)
-    lam = max(lam, 1.0 - lam)
-    perm = torch.randperm(inputs.shape[0], generator=generator, device="cpu").to(inputs.device)
+    mixed sample closer to its own input, so labelled/unlabelled identities survive.
+
+    lambda (a 0-d tensor) and the permutation are drawn on ``inputs``' device, from
+    ``generator`` (which must live there): no value crosses to the host, so a GPU step
+    never waits for it."""
+    dev = inputs.device
+    if generator is None:
+        lam = torch.distributions.Beta(torch.tensor(alpha, device=dev), torch.tensor(alpha, device=dev)).sample()
+    else:
+        lam = _beta(alpha, generator, dev)
+    lam = torch.maximum(lam, 1.0 - lam)
+    perm = torch.randperm(inputs.shape[0], generator=generator, device=dev)
     mixed_x = lam * inputs + (1.0 - lam) * inputs[perm]
     mixed_y = lam * targets + (1.0 - lam) * targets[perm]
     return mixed_x, mixed_y, lam
 
 
-def _beta(alpha: float, generator: torch.Generator) -> float:
+def _beta(alpha: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     # Beta(a, a) from two Gammas, drawn from the given generator for reproducibility.
-    g1 = torch._standard_gamma(torch.full((1,), alpha), generator=generator)
-    g2 = torch._standard_gamma(torch.full((1,), alpha), generator=generator)
-    return float(g1 / (g1 + g2))
+    g1 = torch._standard_gamma(torch.full((), alpha, device=device), generator=generator)
+    g2 = torch._standard_gamma(torch.full((), alpha, device=device), generator=generator)
+    return g1 / (g1 + g2)
 
 
 def interleave_offsets(batch: int, nu: int) -> list[int]:

@@ -17,6 +17,7 @@ own keys); ``backend.model`` is what actually runs (DDP, DeepSpeed engine, compi
 from __future__ import annotations
 
 import abc
+import argparse
 import contextlib
 import json
 import warnings
@@ -149,7 +150,7 @@ class DDPBackend(TrainBackend):
                               broadcast_buffers=not sync_bn, find_unused_parameters=find_unused_parameters,
                               gradient_as_bucket_view=True)
         if distributed.compile:
-            wrapped = torch.compile(wrapped)
+            wrapped = torch.compile(wrapped, mode=distributed.compile_mode)
         self.model = wrapped
         self.scaler = precision.grad_scaler(dist.device)
         self.clip = float(distributed.grad_clip)
@@ -199,6 +200,42 @@ class DDPBackend(TrainBackend):
 
 
 # --------------------------------------------------------------------------- DeepSpeed
+
+
+def _cast_to_own_dtype(module: nn.Module, args: tuple) -> tuple | None:
+    # A forward pre-hook: floating inputs take the dtype of the module's own parameters.
+    p = next(module.parameters(recurse=False), None)
+    if p is None or not p.is_floating_point():
+        return None
+    if not any(torch.is_tensor(a) and a.is_floating_point() and a.dtype != p.dtype for a in args):
+        return None
+    return tuple(a.to(p.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def cast_inputs_to_parameters(module: nn.Module) -> int:
+    """Make every submodule that holds parameters cast its floating inputs to their dtype.
+
+    DeepSpeed's own bf16/fp16 modes convert the whole model to 16 bits, and a model that
+    upcasts on purpose (the linear stage's frozen-backbone features, a head fed fp32)
+    then hands fp32 to 16-bit weights: "expected scalar type Half but found Float". The
+    hooks fix that at the one boundary where DeepSpeed owns precision, for every stage.
+    A module-level function, so a deep copy of the model (MixMatch's EMA) keeps working
+    hooks. Returns the number of modules hooked."""
+    hooked = 0
+    for m in module.modules():
+        if next(m.parameters(recurse=False), None) is not None:
+            m.register_forward_pre_hook(_cast_to_own_dtype)
+            hooked += 1
+    return hooked
+
+
+def deepspeed_args(dist) -> argparse.Namespace:
+    """What deepspeed.initialize reads besides the config: the device to take.
+
+    DeepSpeed takes ``cuda:LOCAL_RANK`` unless ``args.device_rank`` says otherwise; with
+    one visible GPU per process (srun --gpus-per-task 1) the index is 0 on every rank,
+    while LOCAL_RANK must stay the launcher's (engine.runtime.device)."""
+    return argparse.Namespace(device_rank=dist.device.index if dist.device.type == "cuda" else dist.local_rank)
 
 
 def ds_precision(ds: dict) -> str:
@@ -268,6 +305,12 @@ def resolve_ds_config(distributed, precision: str, *, per_rank_batch: int, world
         raise UserError(f"LARS needs per-layer trust ratios, but {where} flattens parameters into partitions "
                         f"(ZeRO stage {stage} or DeepSpeed's own bf16/fp16 optimizer): use optimizer sgd, "
                         f"or a ZeRO-0 torch_autocast config such as configs/deepspeed/zero0_{precision}.json")
+    if any(isinstance(ds.get(p), dict) and ds[p].get("enabled", False) for p in ("bf16", "fp16")):
+        # DeepSpeed >= 0.19 casts only the parameters in its own 16-bit modes and keeps the
+        # buffers in fp32; BatchNorm then meets 16-bit weights with fp32 running statistics
+        # and fails ("expected scalar type ... but found Float"). Its buffers follow the
+        # weights, as they did under DeepSpeed's older module.half(), unless the JSON says.
+        ds.setdefault("data_types", {}).setdefault("buffer_dtype", prec)
     # Our optimizers are plain torch ones (SGD, Adam, LARS); ZeRO only whitelists a few.
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 1 << 30)
@@ -297,13 +340,15 @@ class DeepSpeedBackend(TrainBackend):
         auto = ds.get("torch_autocast", {})
         self.autocast_dtype = _DTYPES[ds_precision(ds)] if auto.get("enabled", False) else None
         super().__init__(module, optimizer, distributed, precision, dist)
-        engine, ds_optimizer, _, _ = deepspeed.initialize(model=_Each(module), optimizer=optimizer,
-                                                          config=ds, dist_init_required=False)
+        if self.native_dtype is not None:
+            cast_inputs_to_parameters(module)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(args=deepspeed_args(dist), model=_Each(module),
+                                                          optimizer=optimizer, config=ds, dist_init_required=False)
         self.engine = engine
         self.ds_optimizer = ds_optimizer
         self.model = engine
         if distributed.compile:
-            engine.compile()
+            engine.compile(compile_kwargs={"mode": distributed.compile_mode})
 
     def autocast(self):
         if self.autocast_dtype is None:

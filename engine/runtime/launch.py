@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import UserError
+from engine.runtime.device import (apply_cuda_settings, detect_launcher, gpu_index, int_var, local_layout,
+                                   resolve_process_group)
 
 
 @dataclass
@@ -98,41 +100,17 @@ class _Env:
     local_rank: int
     master_addr: str | None = None
     master_port: str | None = None
+    local_world_size: int | None = 1  # processes on this node (None: the launcher does not say)
 
 
 def _int_env(name: str, default: int | None = None) -> int:
-    value = os.environ.get(name)
-    if value is None:
-        if default is None:
-            raise UserError(f"launcher environment is missing {name}")
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"launcher environment variable {name}={value!r} is not an integer") from None
-
-
-def detect_launcher() -> str:
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        if "TORCHELASTIC_RUN_ID" in env:
-            return "torchrun"
-        # deepspeed's launch.py is the only common launcher that exports CROSS_RANK.
-        return "deepspeed" if "CROSS_RANK" in env else "env"
-    # mpirun inside a SLURM allocation inherits SLURM_* of the batch step: MPI first.
-    if "OMPI_COMM_WORLD_SIZE" in env:
-        return "mpi"
-    # SLURM_STEP_NUM_TASKS exists only inside an srun step, not in the batch script.
-    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
-        return "slurm"
-    if "PMI_SIZE" in env or "PMIX_RANK" in env:
-        return "mpi"  # MPICH / Intel MPI (hydra) or a PMIx launcher
-    return "single"
+    return int_var(os.environ, name, default)
 
 
 def _from_env(launcher: str) -> _Env:
-    return _Env(launcher, _int_env("RANK"), _int_env("WORLD_SIZE"), _int_env("LOCAL_RANK", 0),
-                os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
+    layout = local_layout(os.environ, launcher)
+    return _Env(launcher, _int_env("RANK"), _int_env("WORLD_SIZE"), layout.local_rank,
+                os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), layout.local_world_size)
 
 
 def _free_port() -> int:
@@ -167,7 +145,7 @@ def _from_mpi() -> _Env:
         addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_host else _routable_address())
         port = os.environ.get("MASTER_PORT") or str(_free_port())
     addr, port = world.bcast((addr, port), root=0)
-    return _Env("mpi", rank, size, local_rank, addr, port)
+    return _Env("mpi", rank, size, local_rank, addr, port, local_size)
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -193,7 +171,8 @@ def _from_slurm() -> _Env:
     # Every rank derives the same port from the job id, with no communication needed.
     port = os.environ.get("MASTER_PORT") or str(20000 + _int_env("SLURM_JOB_ID", 0) % 20000)
     world = _int_env("SLURM_STEP_NUM_TASKS", _int_env("SLURM_NTASKS", 1))
-    return _Env("slurm", _int_env("SLURM_PROCID"), world, _int_env("SLURM_LOCALID", 0), addr, port)
+    layout = local_layout(os.environ, "slurm")
+    return _Env("slurm", _int_env("SLURM_PROCID"), world, layout.local_rank, addr, port, layout.local_world_size)
 
 
 def _discover() -> _Env:
@@ -210,41 +189,44 @@ def _discover() -> _Env:
 # --------------------------------------------------------------------------- init
 
 
-def _pick_device(want: str, local_rank: int) -> torch.device:
+def _pick_device(want: str, local_rank: int, local_world_size: int | None) -> torch.device:
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA device is visible (set device=cpu or auto)")
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise UserError(f"local rank {local_rank} has no GPU: only {count} visible on this node "
-                        f"(start at most {count} processes per node)")
-    return torch.device("cuda", local_rank)
+    # Per-process visibility (srun --gpus-per-task 1) shows each process only its own GPUs.
+    return torch.device("cuda", gpu_index(local_rank, local_world_size, torch.cuda.device_count()))
 
 
 def init_distributed(device: str, distributed) -> DistInfo:
     """Detect the launcher, create the process group, pin the device. Idempotent.
 
     ``device`` is the config's ``device`` (auto | cpu | cuda); ``distributed`` its
-    ``distributed`` section (backend, timeout)."""
+    ``distributed`` section (backend, process group, timeout, CUDA tuning)."""
     global _INFO
     if _INFO is not None:
         return _INFO
     env = _discover()
     if not 0 <= env.rank < env.world_size:
         raise UserError(f"launcher gave rank {env.rank} outside world size {env.world_size}")
-    # Libraries initialised later (DeepSpeed asserts on LOCAL_RANK) read these.
+    # Libraries initialised later read these. LOCAL_RANK stays the launcher's local rank
+    # (DeepSpeed asserts it equals OMPI_COMM_WORLD_LOCAL_RANK under Open MPI); the GPU
+    # index, which differs from it under per-process visibility, reaches DeepSpeed as
+    # its device_rank (engine.runtime.backends) and torch through set_device below.
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
-    device = _pick_device(device, env.local_rank)
+    device = _pick_device(device, env.local_rank, env.local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        apply_cuda_settings(device, cudnn_benchmark=distributed.cudnn_benchmark, tf32=distributed.tf32)
+    # Checked on every run, so that nccl on a CPU fails alike with or without a group.
+    group_backend = resolve_process_group(distributed.process_group, device)
     # DeepSpeed needs a process group even for one process; DDP does not.
     need_group = env.world_size > 1 or distributed.backend == "deepspeed"
     backend = None
     if need_group:
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = group_backend
         timeout = datetime.timedelta(seconds=distributed.timeout_s)
         if backend == "nccl":
             # The NCCL watchdog tears the process down when a collective times out,

@@ -36,19 +36,22 @@ class Evaluator:
     def __call__(self, module: torch.nn.Module) -> dict[str, float]:
         was_training = module.training
         module.eval()
+        device = self.dist.device
         try:
-            counts = torch.zeros(5, dtype=torch.float64)  # clean ok, clean n, asr hits, ra hits, poisoned n
+            # Counts stay on the device, so no batch waits for the host: one copy at the end.
+            counts = torch.zeros(5, dtype=torch.float64, device=device)  # clean ok, clean n, asr, ra, poisoned n
             for images, labels, _ in self.clean:
                 pred = self._predict(module, images)
-                counts[0] += (pred == labels).sum()
+                counts[0] += (pred == labels.to(device, non_blocking=True)).sum()
                 counts[1] += len(labels)
             if self.poisoned is not None:
+                targets = self.targets.to(device)
                 for images, labels, indices in self.poisoned:
                     pred = self._predict(module, images)
-                    counts[2] += (pred == self.targets[indices]).sum()
-                    counts[3] += (pred == labels).sum()
+                    counts[2] += (pred == targets[indices.to(device, non_blocking=True)]).sum()
+                    counts[3] += (pred == labels.to(device, non_blocking=True)).sum()
                     counts[4] += len(labels)
-            counts = self.dist.all_reduce_sum(counts)
+            counts = self.dist.all_reduce_sum(counts).cpu()
         finally:
             module.train(was_training)
         out = {"BA": 100.0 * float(counts[0] / max(counts[1], 1))}
@@ -62,4 +65,4 @@ class Evaluator:
         x = eval_view(self.data.config, images.to(device, non_blocking=True))
         with self.precision.autocast(device):
             logits = module(x)
-        return logits.argmax(dim=1).cpu()
+        return logits.argmax(dim=1)

@@ -37,14 +37,14 @@ def save_features(data, precision, backbone: torch.nn.Module, path, n: int = 100
     backbone.eval()
     feats, order = [], []
     for images, _, indices in loader:
-        x = eval_view(data.config, images.to(device))
+        x = eval_view(data.config, images.to(device, non_blocking=True))
         with precision.autocast(device):
-            feats.append(backbone(x).float().cpu())
+            feats.append(backbone(x).float())  # on the device: one copy at the end
         order.append(indices.clone())
     backbone.train(was_training)
     indices = torch.cat(order).numpy()
     true = np.asarray(data.poison.plan.true_labels)[indices] if data.poison is not None else None
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, features=torch.cat(feats).numpy(), indices=indices, poisoned=poisoned[indices],
+            np.savez(f, features=torch.cat(feats).cpu().numpy(), indices=indices, poisoned=poisoned[indices],
                      true_labels=true if true is not None else np.full(len(indices), -1))

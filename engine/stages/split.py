@@ -70,20 +70,24 @@ def per_sample_losses(data, precision, module: torch.nn.Module, augment, epoch: 
     dist = data.dist
     n = len(labels)
     idx, ks = rank_batches(n, dist.rank, dist.world_size)
-    local = torch.full((n,), float("nan"), dtype=torch.float64)
+    dev = dist.device
+    # Filled on the device and copied to the host once: a per-batch copy would make
+    # every batch wait for the model.
+    local = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
     if len(idx):
         loader = loader if loader is not None else split_loader(data)
         was_training = module.training
         module.eval()
         for (images, y, indices), k in zip(loader, ks):
             # Seeded by the global batch number alone, so every world size draws the same views.
-            x = augment(images.to(dist.device, non_blocking=True), seed=data.seed, epoch=epoch, step=k, rank=0,
+            x = augment(images.to(dev, non_blocking=True), seed=data.seed, epoch=epoch, step=k, rank=0,
                         purpose="split_view")
-            with precision.autocast(dist.device):
+            with precision.autocast(dev):
                 logits = module(x)
-            loss = symmetric_cross_entropy(logits.float(), y.to(dist.device), alpha, beta, reduction="none")
-            local[indices] = loss.double().cpu()
+            loss = symmetric_cross_entropy(logits.float(), y.to(dev, non_blocking=True), alpha, beta, reduction="none")
+            local[indices.to(dev, non_blocking=True)] = loss.double()
         module.train(was_training)
+    local = local.cpu()
     if dist.world_size > 1:
         # Each sample is scored by exactly one rank; NaN elsewhere. Summing after
         # zeroing the NaNs assembles the full vector on every rank.
