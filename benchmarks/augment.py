@@ -61,10 +61,12 @@ def _torch_path(images, spec):
     return lambda: simclr_views(images, spec, seed=0, backend="torch")
 
 
-def _torchvision_v2(images, spec):
+def torchvision_v2_pipe(spec):
+    """The SimCLR view as one torchvision.transforms.v2 pipeline on a uint8 CHW image (or
+    a batch: then one set of random parameters for the whole call)."""
     import torchvision.transforms.v2 as T
 
-    pipe = T.Compose([
+    return T.Compose([
         T.ToDtype(torch.float32, scale=True),
         T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, interpolation=T.InterpolationMode.BICUBIC,
                             antialias=False),
@@ -73,6 +75,10 @@ def _torchvision_v2(images, spec):
         T.RandomGrayscale(spec.grayscale_p),
         T.RandomApply([T.GaussianBlur(_fixed_taps(spec), spec.blur_sigma)], p=spec.blur_p),
         T.Normalize(list(spec.mean), list(spec.std))])
+
+
+def _torchvision_v2(images, spec):
+    pipe = torchvision_v2_pipe(spec)
     chw = images.permute(0, 3, 1, 2)
     return lambda: [torch.stack([pipe(chw[i]) for i in range(chw.shape[0])]) for _ in range(2)]
 

@@ -123,18 +123,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_child(target_fn: str, kwargs: dict, *, timeout: float, world: int = 0, threads: int = 0):
+def run_child(target_fn: str, kwargs: dict, *, timeout: float, world: int = 0, threads: int = 0,
+              env: dict[str, str] | None = None):
     """``module:function(**kwargs)`` in a fresh interpreter; its (rank 0's) return value.
 
     ``world`` > 0 starts that many ranks on this machine, which find each other through
     the env:// variables the engine reads. Each child runs in its own session, so a
-    timeout stops it and whatever it started (DataLoader workers, ranks)."""
+    timeout stops it and whatever it started (DataLoader workers, ranks). ``env``: extra
+    variables for the child alone (e.g. TRITON_INTERPRET, which Triton reads at import)."""
     with tempfile.TemporaryDirectory(prefix="dbd-bench-child-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({"target": target_fn, "kwargs": kwargs, "out": str(out)}))
         base = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         if threads:
             base["OMP_NUM_THREADS"] = str(threads)
+        base.update(env or {})
         if world:
             base.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
             base.pop("TORCHELASTIC_RUN_ID", None)

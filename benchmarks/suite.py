@@ -9,6 +9,11 @@ benchmark that hangs is stopped at its time limit instead of stalling the suite
 (``harness.run_child``).
 ``--in-process`` runs them in this process instead.
 
+``gpu`` is the one prepared check of the GPU path (benchmarks/gpu.py): it runs only when
+named (``python -m benchmarks gpu --out DIR``), isolates its own phases in child
+processes, and writes ``gpu.json`` as it goes plus a ``gpu.md`` summary; ``--smoke``
+(the same as ``--quick``) runs its CPU path, as CI does.
+
 Each benchmark's JSON holds the environment (machine, CPU, cores, load, device,
 versions, commit, date), the settings, every repetition with medians and spread,
 and, for comparisons, ``unit``, ``engine``, ``reference`` (medians) and ``ratio``
@@ -37,6 +42,11 @@ class Benchmark:
     summary: str
     quick_limit_s: int = 300
     full_limit_s: int = 900
+    # False: run only when named (the suite's default run leaves it out).
+    default: bool = True
+    # False: the benchmark starts its own child processes for its parts, so the runner
+    # calls it in this process (a child of a child would outlive a timeout's kill).
+    isolate: bool = True
 
     @property
     def module(self) -> str:
@@ -53,14 +63,21 @@ REGISTRY: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("end_to_end", "one epoch per DBD stage: engine loader vs the reference DataLoader feeding the same "
               "stage", full_limit_s=1200),
     Benchmark("flops", "ResNet-18/50 FLOPs per image, forward and forward+backward"),
+    # 540 s: the device machine's 10-minute limit, less start-up; the check itself plans
+    # for at most 8 minutes (benchmarks/gpu.py, CAPS).
+    Benchmark("gpu", "the prepared one-GPU check: Triton kernels against the PyTorch twin, view timing, real "
+              "SimCLR/MixMatch steps (CIFAR and ImageNet size, bf16/fp32), NCCL and 2-process gloo "
+              "(--smoke: its CPU path)", quick_limit_s=300, full_limit_s=540, default=False, isolate=False),
 )}
 
 
-def run_in_process(name: str, quick: bool, device: str | None = None, threads: int | None = None) -> dict:
+def run_in_process(name: str, quick: bool, device: str | None = None, threads: int | None = None,
+                   out: str | None = None) -> dict:
     bench = REGISTRY[name]
     fn = importlib.import_module(bench.module).run
     params = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in (("device", device), ("threads", threads)) if v is not None and k in params}
+    kwargs = {k: v for k, v in (("device", device), ("threads", threads), ("out", out))
+              if v is not None and k in params}
     t0 = time.perf_counter()
     env = environment()
     result = fn(quick=quick, **kwargs)
@@ -108,8 +125,11 @@ def table(records: list[dict], markdown: bool = False) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help=f"benchmarks to run (default: all of {', '.join(REGISTRY)})")
+                   help="benchmarks to run (default: all of "
+                   f"{', '.join(n for n, b in REGISTRY.items() if b.default)}; gpu runs only when named)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions: a smoke run")
+    p.add_argument("--smoke", action="store_true", help="the same as --quick (for gpu: its CPU path, Triton "
+                   "interpreted, as CI runs it)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON and PNG files (default {DEFAULT_OUT})")
     p.add_argument("--device", help="device for the engine's views and steps (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, help="torch intra-op threads on CPU for the engine's side (default: each "
@@ -127,7 +147,7 @@ def select(names: list[str]) -> list[str]:
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise UnknownBenchmark(f"unknown benchmark {unknown[0]!r}; known: {', '.join(REGISTRY)}")
-    return list(dict.fromkeys(names)) or list(REGISTRY)
+    return list(dict.fromkeys(names)) or [n for n, b in REGISTRY.items() if b.default]
 
 
 def run_suite(names: list[str], *, quick: bool, out: Path, device: str | None = None, threads: int | None = None,
@@ -139,10 +159,10 @@ def run_suite(names: list[str], *, quick: bool, out: Path, device: str | None = 
         echo(f"[bench] {name}: {bench.summary}{' (quick)' if quick else ''}")
         t0 = time.perf_counter()
         try:
-            kwargs = dict(name=name, quick=quick, device=device, threads=threads)
+            kwargs = dict(name=name, quick=quick, device=device, threads=threads, out=str(out))
             record = (run_child("benchmarks.suite:run_in_process", kwargs,
                                 timeout=bench.quick_limit_s if quick else bench.full_limit_s)
-                      if isolate else run_in_process(**kwargs))
+                      if isolate and bench.isolate else run_in_process(**kwargs))
         except Exception as e:
             failures.append(f"{name}: {type(e).__name__}: {e}")
             echo(f"[bench] {name} FAILED: {type(e).__name__}: {e}")
@@ -179,7 +199,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    records, failures = run_suite(names, quick=args.quick, out=Path(args.out), device=args.device,
+    records, failures = run_suite(names, quick=args.quick or args.smoke, out=Path(args.out), device=args.device,
                                   threads=args.threads, isolate=not args.in_process)
     if records:
         print()

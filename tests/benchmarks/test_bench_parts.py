@@ -39,7 +39,9 @@ def test_comparison_ratio_is_engine_over_reference():
 def test_select_rejects_unknown_names():
     from benchmarks.suite import REGISTRY, UnknownBenchmark, select
 
-    assert select([]) == list(REGISTRY)
+    # The default run is the comparison suite; the prepared GPU check runs only when named.
+    assert select([]) == [n for n in REGISTRY if n != "gpu"] and REGISTRY["gpu"].default is False
+    assert select(["gpu"]) == ["gpu"]
     assert select(["flops", "loader", "flops"]) == ["flops", "loader"]
     with pytest.raises(UnknownBenchmark, match="unknown benchmark 'nope'"):
         select(["loader", "nope"])
@@ -115,3 +117,31 @@ def test_report_renders_a_results_folder_as_markdown(capsys):
     assert main(["--report", str(REPO / "benchmarks" / "recorded" / "2026-11-25_cpu-2vcpu")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| benchmark | figure |") and "| loader | cifar32/simclr/poisoned * |" in out
+
+
+def test_smoke_flag_is_quick(tmp_path, monkeypatch):
+    """``--smoke`` reaches a benchmark as quick mode, and the suite hands ``out`` to one that takes it."""
+    import argparse
+
+    from benchmarks import suite
+
+    seen = {}
+
+    def fake_suite(names, *, quick, out, **kwargs):
+        seen.update(names=names, quick=quick, out=out)
+        return [], []
+
+    monkeypatch.setattr(suite, "run_suite", fake_suite)
+    p = argparse.ArgumentParser()
+    suite.add_arguments(p)
+    assert suite.run_from_args(p.parse_args(["gpu", "--smoke", "--out", str(tmp_path), "--device", "cpu"])) == 0
+    assert seen == {"names": ["gpu"], "quick": True, "out": tmp_path}
+
+
+def test_run_in_process_passes_out_to_benchmarks_that_take_it(tmp_path, monkeypatch):
+    from benchmarks import gpu, suite
+
+    got = {}
+    monkeypatch.setattr(gpu, "run", lambda quick, device=None, out=None: got.update(quick=quick, out=out) or {})
+    rec = suite.run_in_process("gpu", quick=True, device="cpu", out=str(tmp_path))
+    assert got == {"quick": True, "out": str(tmp_path)} and rec["benchmark"] == "gpu"
