@@ -6,7 +6,7 @@ kernels are imported only when the triton backend is used, so this package impor
 with torch alone.
 """
 
-from .dispatch import normalize, simclr_views, triton_available, weak_view
+from .dispatch import normalize, simclr_views, simclr_views_stacked, triton_available, weak_view
 from .params import (
     SimCLRParams,
     WeakParams,
@@ -23,6 +23,7 @@ __all__ = [
     "SimCLRParams",
     "WeakParams",
     "simclr_views",
+    "simclr_views_stacked",
     "weak_view",
     "normalize",
     "sample_simclr_params",

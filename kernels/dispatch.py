@@ -47,6 +47,23 @@ def _on(params, device: torch.device):
     return params if params.top.device == device else params.to(device)
 
 
+def _simclr_setup(images, spec, n_views, generator, seed, epoch, step, rank, params, dtype, backend):
+    """Validation, sampling and the backend choice shared by both SimCLR entry points."""
+    b, h, w = check_images(images)
+    check_dtype(dtype)
+    if not isinstance(spec, SimCLRSpec):
+        raise TypeError(f"spec must be a SimCLRSpec, got {type(spec).__name__}")
+    if params is None:
+        if n_views < 1:
+            raise ValueError(f"n_views must be >= 1, got {n_views}")
+        gen = _generator_for(images, generator, seed, epoch, step, rank)
+        params = [sample_simclr_params(b, h, w, spec, gen) for _ in range(n_views)]
+    for p in params:
+        check_params_batch(p, b, "SimCLR")
+    params = [_on(p, images.device) for p in params]
+    return params, _resolve_backend(backend, images.device)
+
+
 def simclr_views(
     images: torch.Tensor,
     spec: SimCLRSpec = SimCLRSpec(),
@@ -67,20 +84,10 @@ def simclr_views(
     the images' device, or (neither given) from the device's default generator. Passing
     `params` (one SimCLRParams per view) replays given parameters instead of sampling.
     Returns the views, each (B, 3, size, size) channels_last in `dtype`, and their params.
+    To feed all views to one forward, simclr_views_stacked returns them as one batch
+    without the copy of a torch.cat.
     """
-    b, h, w = check_images(images)
-    check_dtype(dtype)
-    if not isinstance(spec, SimCLRSpec):
-        raise TypeError(f"spec must be a SimCLRSpec, got {type(spec).__name__}")
-    if params is None:
-        if n_views < 1:
-            raise ValueError(f"n_views must be >= 1, got {n_views}")
-        gen = _generator_for(images, generator, seed, epoch, step, rank)
-        params = [sample_simclr_params(b, h, w, spec, gen) for _ in range(n_views)]
-    for p in params:
-        check_params_batch(p, b, "SimCLR")
-    params = [_on(p, images.device) for p in params]
-    which = _resolve_backend(backend, images.device)
+    params, which = _simclr_setup(images, spec, n_views, generator, seed, epoch, step, rank, params, dtype, backend)
     if which == "triton":
         from . import triton_simclr
 
@@ -88,6 +95,38 @@ def simclr_views(
     else:
         views = [torch_path.simclr_view(images, spec, p, dtype) for p in params]
     return views, params
+
+
+def simclr_views_stacked(
+    images: torch.Tensor,
+    spec: SimCLRSpec = SimCLRSpec(),
+    *,
+    n_views: int = 2,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    epoch: int = 0,
+    step: int = 0,
+    rank: int = 0,
+    params: list[SimCLRParams] | None = None,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, list[SimCLRParams]]:
+    """simclr_views as one (n_views * B, 3, size, size) channels_last tensor, view-major.
+
+    Rows v * B .. v * B + B - 1 are view v: the same values as torch.cat of simclr_views'
+    list (same arguments), e.g. SimCLR's 2B batch for one forward. The Triton kernels write
+    that buffer directly; the torch path writes each view's rows of one preallocated buffer.
+    """
+    params, which = _simclr_setup(images, spec, n_views, generator, seed, epoch, step, rank, params, dtype, backend)
+    if which == "triton":
+        from . import triton_simclr
+
+        return triton_simclr.simclr_views_stacked(images, spec, params, dtype), params
+    b = images.shape[0]
+    out = torch.empty((len(params) * b, spec.size, spec.size, 3), device=images.device, dtype=dtype)
+    for v, p in enumerate(params):
+        torch_path.simclr_view(images, spec, p, dtype, out=out[v * b : (v + 1) * b])
+    return out.permute(0, 3, 1, 2), params
 
 
 def weak_view(

@@ -4,10 +4,21 @@ Images stay NHWC float32 in [0, 1] from the resample to the normalisation, so th
 permute to NCHW is a channels_last view with no copy. Per-sample parameters become
 per-sample tap indices and weights (resample, blur) or per-sample blend factors (jitter),
 which keeps every step a handful of batched tensor ops instead of a loop over samples.
+
+Two modes, the same results (to fp32 rounding; the tests compare them):
+- grouped (CPU): the chain runs on groups of samples whose intermediates fit in cache, and
+  ops that only some samples take (hue, blur) run on just those, picked with .nonzero().
+- whole batch (CUDA, the fallback when triton is missing): every op runs on the whole
+  batch and a torch.where keeps each sample's own result. On a GPU a .nonzero() or a
+  kernel size read back with int() stalls the host until the queue drains, and a group
+  loop multiplies small launches, so this mode makes no host sync at all. Constants come
+  from a per-device cache, never from a host tensor copied over per call.
+`GROUPED` (None: auto, grouped on CPU only) or the `grouped=` argument chooses.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import fields
 
@@ -24,6 +35,29 @@ _LUMA = (0.2989, 0.587, 0.114)
 _CHUNK_ELEMS = 1 << 24
 # Float elements of one group of samples run through the whole chain together (cache-sized).
 _GROUP_ELEMS = 1 << 18
+# None: grouped on CPU, whole batch on other devices; True / False force a mode (tests, benchmarks).
+GROUPED: bool | None = None
+
+
+def _is_grouped(images: torch.Tensor, grouped: bool | None) -> bool:
+    if grouped is None:
+        grouped = GROUPED
+    if grouped is None:
+        # Measured faster on CPU (cache-sized groups); every GPU wants whole batches and no syncs.
+        grouped = images.device.type == "cpu"
+    return grouped
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor, made once per device: torch.tensor(list, device=cuda) is a
+    host-to-device copy from pageable memory, which waits for the copy on every call. Callers
+    only read it."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+# hsv_to_rgb's sector table: which of v, p, q, t each output channel takes in sectors 0..5.
+_SECTORS = ((0, 3, 1), (2, 0, 1), (1, 0, 3), (1, 2, 0), (3, 1, 0), (0, 1, 2))
 
 
 def cubic_weights(t: torch.Tensor) -> torch.Tensor:
@@ -128,8 +162,8 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     t = ((sxf + one_minus_s) * v).clamp_(0.0, 1.0)
     p = (one_minus_s * v).clamp_(0.0, 1.0)
     vpqt = torch.stack((v, p, q, t), dim=-1)
-    # Sector table: which of v, p, q, t each output channel takes (a gather beats where-chains on CPU).
-    select = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], device=hsv.device)
+    # A gather through the sector table beats where-chains on CPU.
+    select = _constant(_SECTORS, torch.int64, hsv.device)
     return vpqt.gather(-1, select[i])
 
 
@@ -140,12 +174,13 @@ def adjust_hue(img: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return hsv_to_rgb(torch.stack((h, hsv[..., 1], hsv[..., 2]), dim=-1))
 
 
-def color_jitter(img: torch.Tensor, params: SimCLRParams, spec: SimCLRSpec) -> torch.Tensor:
+def color_jitter(img: torch.Tensor, params: SimCLRParams, spec: SimCLRSpec, grouped: bool = True) -> torch.Tensor:
     """ColorJitter in each sample's own order; samples without jitter pass through unchanged.
 
     Brightness, contrast and saturation are all torchvision's _blend(img, target, f) with
     target 0, the mean luma, or the luma: one batched blend per position of the order,
-    with f = 1 for samples whose op at that position is hue or that skip jitter.
+    with f = 1 for samples whose op at that position is hue or that skip jitter. Hue runs
+    on the samples whose op it is (grouped: picked by nonzero; whole batch: all, then where).
     """
     jit = params.jitter
     factors = torch.stack((params.brightness, params.contrast, params.saturation, torch.ones_like(params.hue)), dim=1)
@@ -159,9 +194,15 @@ def color_jitter(img: torch.Tensor, params: SimCLRParams, spec: SimCLRSpec) -> t
         target = torch.where(opv == CONTRAST, mean, torch.where(opv == SATURATION, gray, torch.zeros_like(gray)))
         img = img.mul(f).add_(target[..., None] * (1.0 - f)).clamp_(0.0, 1.0)
         if spec.hue > 0:
-            sel = (jit & (op == HUE)).nonzero().squeeze(1)
-            if sel.numel():
-                img[sel] = adjust_hue(img[sel], params.hue[sel])
+            use = jit & (op == HUE)
+            if grouped:
+                sel = use.nonzero().squeeze(1)
+                if sel.numel():
+                    img[sel] = adjust_hue(img[sel], params.hue[sel])
+            else:
+                # Four HSV round trips over the batch (one per position) instead of one over the
+                # samples that take it: the price of no sync, on a device that has the throughput.
+                img = torch.where(use[:, None, None, None], adjust_hue(img, params.hue), img)
     return img
 
 
@@ -223,17 +264,23 @@ def gaussian_blur(img: torch.Tensor, sigma: torch.Tensor, radii: torch.Tensor, r
     return out
 
 
-def _normalise_nhwc(img: torch.Tensor, mean, std, dtype) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=torch.float32, device=img.device)
-    s = torch.tensor(std, dtype=torch.float32, device=img.device)
-    return img.sub_(m).div_(s).to(dtype).permute(0, 3, 1, 2)
+def _normalise_nhwc(img: torch.Tensor, mean, std, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(img - mean) / std in `dtype`, NHWC -> NCHW channels_last; into `out` (N, H, W, 3) if given."""
+    m = _constant(tuple(mean), torch.float32, img.device)
+    s = _constant(tuple(std), torch.float32, img.device)
+    img = img.sub_(m)
+    if out is None:
+        return img.div_(s).to(dtype).permute(0, 3, 1, 2)
+    # Computed in float32 and rounded once on the store, like .to(dtype): the same values.
+    torch.div(img, s, out=out)
+    return out.permute(0, 3, 1, 2)
 
 
 def _slice(params, start: int, stop: int):
     return type(params)(**{f.name: getattr(params, f.name)[start:stop] for f in fields(params)})
 
 
-def _simclr_chunk(images: torch.Tensor, spec: SimCLRSpec, params: SimCLRParams) -> torch.Tensor:
+def _simclr_chunk(images: torch.Tensor, spec: SimCLRSpec, params: SimCLRParams, grouped: bool) -> torch.Tensor:
     iy, wy = axis_taps(params.top, params.height, spec.size, spec.interpolation)
     ix, wx = axis_taps(params.left, params.width, spec.size, spec.interpolation)
     # A flip after the resize is a reversal of the output columns, i.e. of their taps.
@@ -244,10 +291,17 @@ def _simclr_chunk(images: torch.Tensor, spec: SimCLRSpec, params: SimCLRParams) 
     # (saturate) here, and so do we, so that jitter sees valid pixel values.
     img = resample(images, iy, wy, ix, wx).clamp_(0.0, 1.0)
     if spec.jitter_p > 0:
-        img = color_jitter(img, params, spec)
+        img = color_jitter(img, params, spec, grouped)
     if spec.grayscale_p > 0:
         img = torch.where(params.grayscale[:, None, None, None], grayscale(img)[..., None].expand_as(img), img)
-    if spec.blur_p > 0:
+    if spec.blur_p > 0 and not grouped:
+        # Every sample through the spec's widest kernel (a constant: no host sync); taps beyond a
+        # sample's own radius have weight 0 and add exact zeros, so each blurred sample gets its
+        # own kernel, and the where keeps the others as they were.
+        radii = blur_radii(params.sigma, spec)
+        blurred = gaussian_blur(img, params.sigma, radii, spec.blur_radius)
+        img = torch.where(params.blur[:, None, None, None], blurred, img)
+    elif spec.blur_p > 0:
         sel = params.blur.nonzero().squeeze(1)
         if sel.numel():
             sigma = params.sigma[sel]
@@ -258,27 +312,37 @@ def _simclr_chunk(images: torch.Tensor, spec: SimCLRSpec, params: SimCLRParams) 
     return img
 
 
-def simclr_unnormalised(images: torch.Tensor, spec: SimCLRSpec, params: SimCLRParams) -> torch.Tensor:
+def simclr_unnormalised(
+    images: torch.Tensor, spec: SimCLRSpec, params: SimCLRParams, grouped: bool | None = None
+) -> torch.Tensor:
     """The view as float32 NHWC in [0, 1], before normalisation.
 
-    Runs the whole chain on groups of samples whose intermediates stay around a few MB,
-    so the dozens of element-wise passes of the jitter hit cache instead of DRAM.
+    Grouped, runs the whole chain on groups of samples whose intermediates stay around a few
+    MB, so the dozens of element-wise passes of the jitter hit cache instead of DRAM. Whole
+    batch, one pass of each op over the batch, without host syncs (see the module docstring).
     """
+    if not _is_grouped(images, grouped):
+        return _simclr_chunk(images, spec, params, grouped=False)
     b = images.shape[0]
     s = spec.size
     group = max(1, _GROUP_ELEMS // (s * s * 3))
     if group >= b:
-        return _simclr_chunk(images, spec, params)
+        return _simclr_chunk(images, spec, params, grouped=True)
     out = torch.empty((b, s, s, 3), device=images.device, dtype=torch.float32)
     for start in range(0, b, group):
         stop = min(b, start + group)
-        out[start:stop] = _simclr_chunk(images[start:stop], spec, _slice(params, start, stop))
+        out[start:stop] = _simclr_chunk(images[start:stop], spec, _slice(params, start, stop), grouped=True)
     return out
 
 
-def simclr_view(images: torch.Tensor, spec: SimCLRSpec, params: SimCLRParams, dtype=torch.float32) -> torch.Tensor:
-    img = simclr_unnormalised(images, spec, params)
-    return _normalise_nhwc(img, spec.mean, spec.std, dtype)
+def simclr_view(
+    images: torch.Tensor, spec: SimCLRSpec, params: SimCLRParams, dtype=torch.float32, *,
+    out: torch.Tensor | None = None, grouped: bool | None = None,
+) -> torch.Tensor:
+    """The normalised view, (B, 3, S, S) channels_last; written into `out` ((B, S, S, 3), `dtype`)
+    if given, e.g. one view's rows of a stacked buffer."""
+    img = simclr_unnormalised(images, spec, params, grouped)
+    return _normalise_nhwc(img, spec.mean, spec.std, dtype, out)
 
 
 def pad_index(n: int, pad: int, mode: str, device) -> torch.Tensor:

@@ -1,26 +1,37 @@
 """Fused Triton kernels for SimCLR views.
 
-Structure (one launch for all views, then two blur passes that only touch blurred samples):
+Structure (all views in one buffer; at most one pre-pass, one main launch and two blur
+passes, every launch on the grid (B, n_views, pixel tiles)):
 
-1. `_simclr_kernel`, grid (B, n_views): one program per (sample, view) walks the output
-   in pixel tiles. Per output pixel it gathers the bicubic/bilinear taps straight from the
-   uint8 NHWC source (crop offset, per-crop clamping and flip folded into the tap indices),
-   clamps to [0, 1], applies the four jitter ops in the sample's order, grayscale, and
-   writes either the normalised final pixel (no blur) or the float32 [0, 1] pixel to a
-   scratch buffer (blur).
-   Contrast blends with the mean luma of the image as it is at that point of the order,
-   a whole-image reduction in the middle of a per-pixel chain. One program owns one whole
-   image, so no cross-program reduction is needed: when the image fits one tile (32 px)
-   the mean is a tl.sum over the tile already in registers; otherwise a first sweep over
-   the tiles recomputes resample + the ops before contrast to accumulate the luma sum,
-   and a second sweep produces the output. The recompute re-reads the source from L2,
-   cheaper than a round trip of the full-resolution intermediate through HBM, and the
-   first sweep is skipped for samples without jitter.
-2. `_blur_pass` twice (vertical into a second scratch buffer, then horizontal fused with
+1. `_contrast_luma_kernel` (only for views of several tiles with jitter on): the pre-pass
+   for the one whole-image quantity of the chain. Contrast blends with the mean luma of
+   the image as it is at contrast's position in the sample's order, which depends on
+   every pixel. Each program recomputes the resample and the ops placed before contrast
+   for its tile and writes the tile's luma sum to `partials` (V*B, n_tiles). Per-tile
+   sums in a buffer, not atomics, so the mean is the same in every run. The recompute
+   re-reads the uint8 source from L2, cheaper than a full-resolution float intermediate
+   through HBM. Programs of samples without jitter branch past all of it.
+2. `_simclr_kernel`: one program per (sample, view, tile). Per output pixel it gathers
+   the bicubic/bilinear taps straight from the uint8 NHWC source (crop offset, per-crop
+   clamping and flip folded into the tap indices), clamps to [0, 1], applies the four
+   jitter ops in the sample's order, grayscale, and writes either the normalised final
+   pixel (no blur) or the float32 [0, 1] pixel to a scratch buffer (blur). The contrast
+   mean is the sum of the row's partials (every tile of a row reduces the same values in
+   the same order). When the view is one tile (32 px) the image is in registers and the
+   mean is a tl.sum over it, so there is no pre-pass.
+   The op at each position is per sample, i.e. uniform in a program: a scalar branch
+   runs the HSV round trip only for the one position that holds hue, and only when the
+   sample has jitter. Specs without hue (or without jitter, like the RandomResizedCrop
+   weak view) compile variants with no HSV (or no jitter) code at all (DO_HUE, DO_JITTER).
+3. `_blur_pass` twice (vertical into a second scratch buffer, then horizontal fused with
    normalisation and the cast): separable Gaussian with reflect padding, weights
    precomputed per sample. K taps cover the spec's widest kernel; a sample's weights are
    zero beyond its own radius (2*ceil(3*sigma)+1 taps by default) and those loads are
    masked. Programs of unblurred samples mask every load and store.
+
+The output is one (n_views * B, S, S, 3) buffer, view-major (rows v * B .. v * B + B - 1
+are view v), whose NCHW permutation is channels_last: the views of a SimCLR step are
+the model's 2B batch as they are written, without a concatenation.
 
 Arithmetic follows torch_path (itself checked against torchvision) operation by operation;
 remaining differences are fp32 rounding (FMA contraction, approximate division on GPU).
@@ -36,7 +47,12 @@ from .params import CONTRAST, SimCLRParams
 from .specs import SimCLRSpec
 from .torch_path import blur_radii, gaussian_kernels
 
+# Views of up to _MAX_BLOCK pixels (32 px) are one program each: the contrast means are tl.sums
+# over the image in registers. Larger views run _TILE pixels per program, one per thread at 8
+# warps: the tile axis fills the SMs, and ptxas keeps the registers at 40-64 per thread (at 4
+# pixels per thread it hoists every tap load and takes 140-250, one program per SM).
 _MAX_BLOCK = 1024
+_TILE = 256
 
 
 @triton.jit
@@ -163,21 +179,34 @@ def _hue_shift(r, g, b, shift):
 
 
 @triton.jit
-def _jitter_op(r, g, b, op, on, bf, cf, sf, hf, mean, DO_HUE: tl.constexpr):
-    """One ColorJitter op (id `op`) if `on`; brightness/contrast/saturation as one _blend."""
-    f = tl.where(op == 0, bf, tl.where(op == 1, cf, tl.where(op == 2, sf, 1.0)))
+def _blend(r, g, b, op, on, bf, cf, sf, mean):
+    """Brightness, contrast or saturation (op 0, 1, 2) if `on`: torchvision's _blend(img, target, f)
+    with target 0, the mean luma or the luma. Op 3 (hue) or `on` false: f = 1, the identity."""
+    f = tl.where(op == 0, bf, tl.where(op == 1, cf, sf))
     f = tl.where(on & (op != 3), f, 1.0)
     gray = _luma(r, g, b)
     target = tl.where(op == 1, mean, tl.where(op == 2, gray, 0.0))
     r = _clamp01(r * f + target * (1.0 - f))
     g = _clamp01(g * f + target * (1.0 - f))
     b = _clamp01(b * f + target * (1.0 - f))
+    return r, g, b
+
+
+@triton.jit
+def _jitter_op(r, g, b, op, on, bf, cf, sf, hf, mean, DO_HUE: tl.constexpr):
+    """One ColorJitter op (id `op`) if `on`.
+
+    `op` and `on` are per sample, the same for every lane of the program, so this is a
+    uniform branch: the HSV round trip runs once per pixel at the one position that holds
+    hue, not at all four under a select, and never in a variant compiled without hue.
+    """
     if DO_HUE:
-        hr, hg, hb = _hue_shift(r, g, b, hf)
-        use = on & (op == 3)
-        r = tl.where(use, hr, r)
-        g = tl.where(use, hg, g)
-        b = tl.where(use, hb, b)
+        if on & (op == 3):
+            r, g, b = _hue_shift(r, g, b, hf)
+        else:
+            r, g, b = _blend(r, g, b, op, on, bf, cf, sf, mean)
+    else:
+        r, g, b = _blend(r, g, b, op, on, bf, cf, sf, mean)
     return r, g, b
 
 
@@ -204,86 +233,110 @@ def _finish(
 
 
 @triton.jit
-def _simclr_kernel(
-    src_ptr, out_ptr, scratch_ptr, ip_ptr, fp_ptr,
+def _crop(ip_ptr, fp_ptr, row):
+    """The resample parameters of one (view, sample) row of the packed params."""
+    ip = ip_ptr + row * 13
+    fp = fp_ptr + row * 6
+    return (tl.load(ip + 0), tl.load(ip + 1), tl.load(ip + 2), tl.load(ip + 3), tl.load(ip + 4),
+            tl.load(fp + 4), tl.load(fp + 5))
+
+
+@triton.jit
+def _contrast_luma_kernel(
+    src_ptr, part_ptr, ip_ptr, fp_ptr,
     B, stride_b, stride_h, stride_w, stride_c,
-    m0, m1, m2, s0, s1, s2,
     S: tl.constexpr, BLOCK: tl.constexpr, N_TILES: tl.constexpr,
     BICUBIC: tl.constexpr, DO_HUE: tl.constexpr,
 ):
+    """Pre-pass: part[row, tile] = the tile's luma sum of the image as contrast sees it."""
     bi = tl.program_id(0)
     vi = tl.program_id(1)
+    ti = tl.program_id(2)
+    row = vi * B + bi
+    dst = part_ptr + row * N_TILES + ti
+    ip = ip_ptr + row * 13
+    fp = fp_ptr + row * 6
+    if tl.load(ip + 5) != 0:
+        top, left, ch, cw, flip, sy, sx = _crop(ip_ptr, fp_ptr, row)
+        op0 = tl.load(ip + 8)
+        op1 = tl.load(ip + 9)
+        op2 = tl.load(ip + 10)
+        cpos = tl.load(ip + 12)
+        bf = tl.load(fp + 0)
+        cf = tl.load(fp + 1)
+        sf = tl.load(fp + 2)
+        hf = tl.load(fp + 3)
+        NPIX: tl.constexpr = S * S
+        offs = ti * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < NPIX
+        r, g, b = _resample(src_ptr, bi.to(tl.int64) * stride_b, stride_h, stride_w, stride_c, offs // S, offs % S,
+                            top, left, ch, cw, sy, sx, flip, mask, S, BICUBIC)
+        # Only the ops placed before contrast (position cpos) have happened when it takes the mean.
+        r, g, b = _jitter_op(r, g, b, op0, cpos > 0, bf, cf, sf, hf, 0.0, DO_HUE)
+        r, g, b = _jitter_op(r, g, b, op1, cpos > 1, bf, cf, sf, hf, 0.0, DO_HUE)
+        r, g, b = _jitter_op(r, g, b, op2, cpos > 2, bf, cf, sf, hf, 0.0, DO_HUE)
+        tl.store(dst, tl.sum(tl.where(mask, _luma(r, g, b), 0.0), axis=0))
+    else:
+        # The main kernel branches the same way and never reads this row; zero keeps it defined.
+        tl.store(dst, 0.0)
+
+
+@triton.jit
+def _simclr_kernel(
+    src_ptr, out_ptr, scratch_ptr, part_ptr, ip_ptr, fp_ptr,
+    B, stride_b, stride_h, stride_w, stride_c,
+    m0, m1, m2, s0, s1, s2,
+    S: tl.constexpr, BLOCK: tl.constexpr, N_TILES: tl.constexpr, PARTS: tl.constexpr,
+    BICUBIC: tl.constexpr, DO_JITTER: tl.constexpr, DO_HUE: tl.constexpr,
+):
+    bi = tl.program_id(0)
+    vi = tl.program_id(1)
+    ti = tl.program_id(2)
     row = vi * B + bi
     ip = ip_ptr + row * 13
     fp = fp_ptr + row * 6
-    top = tl.load(ip + 0)
-    left = tl.load(ip + 1)
-    ch = tl.load(ip + 2)
-    cw = tl.load(ip + 3)
-    flip = tl.load(ip + 4)
-    jit = tl.load(ip + 5) != 0
+    top, left, ch, cw, flip, sy, sx = _crop(ip_ptr, fp_ptr, row)
     gray = tl.load(ip + 6)
     blur = tl.load(ip + 7)
-    op0 = tl.load(ip + 8)
-    op1 = tl.load(ip + 9)
-    op2 = tl.load(ip + 10)
-    op3 = tl.load(ip + 11)
-    cpos = tl.load(ip + 12)
-    bf = tl.load(fp + 0)
-    cf = tl.load(fp + 1)
-    sf = tl.load(fp + 2)
-    hf = tl.load(fp + 3)
-    sy = tl.load(fp + 4)
-    sx = tl.load(fp + 5)
-    base = bi.to(tl.int64) * stride_b
-    lanes = tl.arange(0, BLOCK)
     NPIX: tl.constexpr = S * S
-
     if N_TILES == 1:
-        mask = lanes < NPIX
-        y = lanes // S
-        x = lanes % S
-        r, g, b = _resample(src_ptr, base, stride_h, stride_w, stride_c, y, x, top, left, ch, cw, sy, sx, flip, mask,
-                            S, BICUBIC)
-        # The whole image is in registers: the contrast mean is the tile's luma at that step.
-        mean = tl.sum(tl.where(mask, _luma(r, g, b), 0.0), axis=0) / NPIX
-        r, g, b = _jitter_op(r, g, b, op0, jit, bf, cf, sf, hf, mean, DO_HUE)
-        mean = tl.sum(tl.where(mask, _luma(r, g, b), 0.0), axis=0) / NPIX
-        r, g, b = _jitter_op(r, g, b, op1, jit, bf, cf, sf, hf, mean, DO_HUE)
-        mean = tl.sum(tl.where(mask, _luma(r, g, b), 0.0), axis=0) / NPIX
-        r, g, b = _jitter_op(r, g, b, op2, jit, bf, cf, sf, hf, mean, DO_HUE)
-        mean = tl.sum(tl.where(mask, _luma(r, g, b), 0.0), axis=0) / NPIX
-        r, g, b = _jitter_op(r, g, b, op3, jit, bf, cf, sf, hf, mean, DO_HUE)
-        _finish(r, g, b, lanes, mask, row, gray, blur, out_ptr, scratch_ptr, m0, m1, m2, s0, s1, s2, S)
+        # Known offsets let the compiler fold the row/column split (64 instead of 80 registers at 32 px).
+        offs = tl.arange(0, BLOCK)
     else:
-        # Sweep 1: luma sum of the image as contrast sees it (ops placed before contrast only).
-        n_first = tl.where(jit, N_TILES, 0)
-        acc = tl.zeros((BLOCK,), tl.float32)
-        for t in range(0, n_first):
-            offs = t * BLOCK + lanes
-            mask = offs < NPIX
-            y = offs // S
-            x = offs % S
-            r, g, b = _resample(src_ptr, base, stride_h, stride_w, stride_c, y, x, top, left, ch, cw, sy, sx, flip,
-                                mask, S, BICUBIC)
-            r, g, b = _jitter_op(r, g, b, op0, jit & (cpos > 0), bf, cf, sf, hf, 0.0, DO_HUE)
-            r, g, b = _jitter_op(r, g, b, op1, jit & (cpos > 1), bf, cf, sf, hf, 0.0, DO_HUE)
-            r, g, b = _jitter_op(r, g, b, op2, jit & (cpos > 2), bf, cf, sf, hf, 0.0, DO_HUE)
-            acc += tl.where(mask, _luma(r, g, b), 0.0)
-        mean = tl.sum(acc, axis=0) / NPIX
-        # Sweep 2: the full chain with the now known mean.
-        for t in range(0, N_TILES):
-            offs = t * BLOCK + lanes
-            mask = offs < NPIX
-            y = offs // S
-            x = offs % S
-            r, g, b = _resample(src_ptr, base, stride_h, stride_w, stride_c, y, x, top, left, ch, cw, sy, sx, flip,
-                                mask, S, BICUBIC)
-            r, g, b = _jitter_op(r, g, b, op0, jit, bf, cf, sf, hf, mean, DO_HUE)
-            r, g, b = _jitter_op(r, g, b, op1, jit, bf, cf, sf, hf, mean, DO_HUE)
-            r, g, b = _jitter_op(r, g, b, op2, jit, bf, cf, sf, hf, mean, DO_HUE)
-            r, g, b = _jitter_op(r, g, b, op3, jit, bf, cf, sf, hf, mean, DO_HUE)
-            _finish(r, g, b, offs, mask, row, gray, blur, out_ptr, scratch_ptr, m0, m1, m2, s0, s1, s2, S)
+        offs = ti * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NPIX
+    r, g, b = _resample(src_ptr, bi.to(tl.int64) * stride_b, stride_h, stride_w, stride_c, offs // S, offs % S,
+                        top, left, ch, cw, sy, sx, flip, mask, S, BICUBIC)
+    if DO_JITTER:
+        if tl.load(ip + 5) != 0:
+            op0 = tl.load(ip + 8)
+            op1 = tl.load(ip + 9)
+            op2 = tl.load(ip + 10)
+            op3 = tl.load(ip + 11)
+            bf = tl.load(fp + 0)
+            cf = tl.load(fp + 1)
+            sf = tl.load(fp + 2)
+            hf = tl.load(fp + 3)
+            if N_TILES == 1:
+                # The whole image is in registers: the contrast mean is the tile's luma at that step.
+                mean = tl.sum(tl.where(mask, _luma(r, g, b), 0.0), axis=0) / NPIX
+                r, g, b = _jitter_op(r, g, b, op0, True, bf, cf, sf, hf, mean, DO_HUE)
+                mean = tl.sum(tl.where(mask, _luma(r, g, b), 0.0), axis=0) / NPIX
+                r, g, b = _jitter_op(r, g, b, op1, True, bf, cf, sf, hf, mean, DO_HUE)
+                mean = tl.sum(tl.where(mask, _luma(r, g, b), 0.0), axis=0) / NPIX
+                r, g, b = _jitter_op(r, g, b, op2, True, bf, cf, sf, hf, mean, DO_HUE)
+                mean = tl.sum(tl.where(mask, _luma(r, g, b), 0.0), axis=0) / NPIX
+                r, g, b = _jitter_op(r, g, b, op3, True, bf, cf, sf, hf, mean, DO_HUE)
+            else:
+                # The pre-pass's tile sums; PARTS is N_TILES rounded up to a power of two.
+                k = tl.arange(0, PARTS)
+                parts = tl.load(part_ptr + row * N_TILES + k, mask=k < N_TILES, other=0.0)
+                mean = tl.sum(parts, axis=0) / NPIX
+                r, g, b = _jitter_op(r, g, b, op0, True, bf, cf, sf, hf, mean, DO_HUE)
+                r, g, b = _jitter_op(r, g, b, op1, True, bf, cf, sf, hf, mean, DO_HUE)
+                r, g, b = _jitter_op(r, g, b, op2, True, bf, cf, sf, hf, mean, DO_HUE)
+                r, g, b = _jitter_op(r, g, b, op3, True, bf, cf, sf, hf, mean, DO_HUE)
+    _finish(r, g, b, offs, mask, row, gray, blur, out_ptr, scratch_ptr, m0, m1, m2, s0, s1, s2, S)
 
 
 @triton.jit
@@ -371,38 +424,59 @@ def pack_params(params: list[SimCLRParams], spec: SimCLRSpec) -> tuple[torch.Ten
 
 
 def _warps(block: int) -> int:
-    # 48 tap loads and the HSV round trip per pixel: keep a few pixels per thread, not dozens.
-    return 4 if block <= 256 else 8
+    # 48 tap loads and the HSV round trip per pixel: at most a few pixels per thread (1 for _TILE).
+    return 4 if block < _TILE else 8
 
 
 def _block_for(npix: int, block: int | None) -> int:
     if block is not None:
         return block
-    return min(triton.next_power_of_2(npix), _MAX_BLOCK)
+    if npix <= _MAX_BLOCK:
+        return triton.next_power_of_2(npix)
+    return _TILE
 
 
-def simclr_views(
+def simclr_views_stacked(
     images: torch.Tensor, spec: SimCLRSpec, params: list[SimCLRParams], dtype=torch.float32, block: int | None = None
-) -> list[torch.Tensor]:
-    """All views in one launch (+ two blur passes); `block` overrides the pixel tile (tests)."""
-    b, h, w, _ = images.shape
+) -> torch.Tensor:
+    """All views as one (n_views * B, 3, size, size) channels_last tensor, view-major.
+
+    At most four launches whatever the batch: the contrast pre-pass (views of several
+    tiles with jitter on), the fused view kernel, and the two blur passes (blur on).
+    `block` overrides the pixel tile (tests use it to get several tiles at tiny sizes).
+    """
+    b = images.shape[0]
     n_views = len(params)
     s = spec.size
     npix = s * s
     blk = _block_for(npix, block)
     n_tiles = triton.cdiv(npix, blk)
     ip, fp = pack_params(params, spec)
-    out = torch.empty((n_views, b, s, s, 3), device=images.device, dtype=dtype)
+    out = torch.empty((n_views * b, s, s, 3), device=images.device, dtype=dtype)
     do_blur = spec.blur_p > 0
     scratch = torch.empty_like(out, dtype=torch.float32) if do_blur else out
+    # pack_params turns jitter off for every sample when jitter_p is 0, and torch_path runs no
+    # hue then either: such specs (the RandomResizedCrop weak view) compile without either.
+    do_jitter = spec.jitter_p > 0
+    do_hue = do_jitter and spec.hue > 0
+    bicubic = spec.interpolation == "bicubic"
     m, sd = spec.mean, spec.std
     sb, sh, sw, sc = images.stride()
-    _simclr_kernel[(b, n_views)](
-        images, out, scratch, ip, fp,
+    grid = (b, n_views, n_tiles)
+    if do_jitter and n_tiles > 1:
+        partials = torch.empty((n_views * b, n_tiles), device=images.device, dtype=torch.float32)
+        _contrast_luma_kernel[grid](
+            images, partials, ip, fp, b, sb, sh, sw, sc,
+            S=s, BLOCK=blk, N_TILES=n_tiles, BICUBIC=bicubic, DO_HUE=do_hue, num_warps=_warps(blk),
+        )
+    else:
+        partials = fp  # never read: one tile keeps the mean in registers, no jitter needs none
+    _simclr_kernel[grid](
+        images, out, scratch, partials, ip, fp,
         b, sb, sh, sw, sc,
         m[0], m[1], m[2], sd[0], sd[1], sd[2],
-        S=s, BLOCK=blk, N_TILES=n_tiles,
-        BICUBIC=spec.interpolation == "bicubic", DO_HUE=spec.hue > 0,
+        S=s, BLOCK=blk, N_TILES=n_tiles, PARTS=triton.next_power_of_2(n_tiles),
+        BICUBIC=bicubic, DO_JITTER=do_jitter, DO_HUE=do_hue,
         num_warps=_warps(blk),
     )
     if do_blur:
@@ -413,11 +487,21 @@ def simclr_views(
         weights = torch.cat([gaussian_kernels(p.sigma, blur_radii(p.sigma, spec), radius) for p in params])
         weights = weights.contiguous()
         mid = torch.empty_like(scratch)
-        grid = (b, n_views, n_tiles)
-        common = dict(S=s, K=2 * radius + 1, BLOCK=blk, num_warps=_warps(blk))
-        _blur_pass[grid](scratch, mid, ip, weights, b, m[0], m[1], m[2], sd[0], sd[1], sd[2],
-                         VERTICAL=True, FINAL=False, **common)
-        _blur_pass[grid](mid, out, ip, weights, b, m[0], m[1], m[2], sd[0], sd[1], sd[2],
-                         VERTICAL=False, FINAL=True, **common)
-    # (B, S, S, 3) contiguous permuted to NCHW is exactly the channels_last layout.
-    return [out[v].permute(0, 3, 1, 2) for v in range(n_views)]
+        # The blur's pixels are independent, so it takes _TILE-pixel programs at every size: at
+        # 1024 pixels per program ptxas hoists the K * 3 loads of 4 pixels per thread into 254 registers.
+        bblk = block if block is not None else min(blk, _TILE)
+        bgrid = (b, n_views, triton.cdiv(npix, bblk))
+        common = dict(S=s, K=2 * radius + 1, BLOCK=bblk, num_warps=_warps(bblk))
+        _blur_pass[bgrid](scratch, mid, ip, weights, b, m[0], m[1], m[2], sd[0], sd[1], sd[2],
+                          VERTICAL=True, FINAL=False, **common)
+        _blur_pass[bgrid](mid, out, ip, weights, b, m[0], m[1], m[2], sd[0], sd[1], sd[2],
+                          VERTICAL=False, FINAL=True, **common)
+    # (N, S, S, 3) contiguous permuted to NCHW is exactly the channels_last layout.
+    return out.permute(0, 3, 1, 2)
+
+
+def simclr_views(
+    images: torch.Tensor, spec: SimCLRSpec, params: list[SimCLRParams], dtype=torch.float32, block: int | None = None
+) -> list[torch.Tensor]:
+    """The views one by one: row blocks of the stacked buffer (channels_last each, no copy)."""
+    return list(simclr_views_stacked(images, spec, params, dtype, block).split(images.shape[0]))

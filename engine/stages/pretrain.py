@@ -116,7 +116,7 @@ class Pretrain(Stage):
 
     def views(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         """The step's two SimCLR views of this rank's uint8 images, as one 2B batch."""
-        from kernels import sample_simclr_params, simclr_views
+        from kernels import sample_simclr_params, simclr_views_stacked
 
         from engine.runtime.seeds import seed_stream
 
@@ -126,10 +126,12 @@ class Pretrain(Stage):
         gen = seed_stream(self.env.seed, "simclr_views", epoch, step, 0, device=images.device)
         params = [_rows(sample_simclr_params(b * world, h, w, self.spec, gen), slice(rank, None, world))
                   for _ in range(2)]
-        views, _ = simclr_views(images, self.spec, params=params, dtype=torch.float32)
-        x = torch.cat(views)
-        if self.env.distributed.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # Both views are written into one (2B, 3, S, S) buffer, view 1 then view 2, already
+        # channels_last: no torch.cat and, with channels_last on, no copy at all.
+        x, _ = simclr_views_stacked(images, self.spec, params=params, dtype=torch.float32)
+        if not self.env.distributed.channels_last:
+            # A channels_last input would make the convolutions run channels_last anyway.
+            x = x.contiguous()
         return x
 
     def prepare(self, batch, epoch: int, step: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from kernels import (
     normalize,
     sample_simclr_params,
     simclr_views,
+    simclr_views_stacked,
+    torch_path,
     weak_view,
 )
 
@@ -34,6 +37,38 @@ def test_simclr_output_contract(dtype):
         assert v.is_contiguous(memory_format=torch.channels_last)
         assert torch.isfinite(v.float()).all()
     assert not torch.equal(views[0], views[1])
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_stacked_views_are_the_concatenated_views(dtype, grouped, monkeypatch):
+    # Both torch-path modes; the Triton side is in test_kernels_triton.py. Three views of an
+    # odd batch so that a view-major vs sample-major mix-up cannot line up by chance.
+    monkeypatch.setattr(torch_path, "GROUPED", grouped)
+    images = random_images(5, 36, 30, seed=2)
+    spec = SimCLRSpec(size=16)
+    views, params = simclr_views(images, spec, n_views=3, seed=4, step=1, dtype=dtype, backend="torch")
+    stacked, sparams = simclr_views_stacked(images, spec, n_views=3, seed=4, step=1, dtype=dtype, backend="torch")
+    assert stacked.shape == (15, 3, 16, 16) and stacked.dtype == dtype
+    assert stacked.is_contiguous(memory_format=torch.channels_last)
+    # One buffer of exactly the batch: the rows are written in place, not concatenated.
+    assert stacked.untyped_storage().nbytes() == stacked.numel() * stacked.element_size()
+    assert torch.equal(stacked, torch.cat(views))
+    for a, b in zip(params, sparams):
+        assert all(torch.equal(getattr(a, f.name), getattr(b, f.name)) for f in fields(a))
+    # Replayed params give the same buffer; so does auto (the torch path on CPU).
+    again, _ = simclr_views_stacked(images, spec, params=sparams, dtype=dtype)
+    assert torch.equal(again, stacked)
+
+
+def test_stacked_views_validate_like_views():
+    images = random_images(2, 32, 32)
+    with pytest.raises(ValueError, match="n_views"):
+        simclr_views_stacked(images, n_views=0)
+    with pytest.raises(TypeError, match="output dtype"):
+        simclr_views_stacked(images, dtype=torch.float64)
+    with pytest.raises(ValueError, match="params are for 3 samples"):
+        simclr_views_stacked(images, params=[sample_simclr_params(3, 32, 32, SimCLRSpec(), None)])
 
 
 def test_seed_kwargs_reproduce_and_differ_by_step():

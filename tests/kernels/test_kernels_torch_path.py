@@ -166,3 +166,58 @@ def test_ops_disabled_by_spec_ignore_replayed_flags():
                    blur=params.blur & False)
     ref = torch.stack([torchvision_simclr(images[i], spec, bare, i) for i in range(8)])
     torch.testing.assert_close(got.permute(0, 3, 1, 2), ref, atol=ATOL, rtol=0)
+
+
+# Whole-batch mode (the CUDA fallback) against grouped mode (CPU). Specs: hue on with the
+# per-sample blur (radii 1..6 at size 7, so the whole batch's 13 taps exceed most groups'
+# widest kernel), hue off with bilinear and grayscale, a fixed 5-tap blur on every sample,
+# and the RandomResizedCrop weak view (every colour op off).
+MODE_SPECS = [
+    dict(size=7),
+    dict(size=7, hue=0.0, interpolation="bilinear", grayscale_p=0.5),
+    dict(size=16, blur_kernel_size=5, blur_p=1.0),
+    dict(size=7, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
+]
+
+
+@pytest.mark.parametrize("kw", MODE_SPECS)
+def test_whole_batch_mode_equals_grouped(kw, monkeypatch):
+    spec = SimCLRSpec(**kw)
+    images = random_images(24, 40, 23, seed=21)
+    params = covering_simclr_params(24, 40, 23, spec, seed=22)
+    if kw.get("blur_p") == 1.0:
+        params = replace(params, blur=torch.ones(24, dtype=torch.bool))
+    assert params.blur.any() and params.jitter.any() and params.grayscale.any()
+    # Groups of 5 samples: the grouped mode then really groups, and picks hue and blur samples per group.
+    monkeypatch.setattr(torch_path, "_GROUP_ELEMS", spec.size * spec.size * 3 * 5)
+    grouped = torch_path.simclr_unnormalised(images, spec, params, grouped=True)
+    whole = torch_path.simclr_unnormalised(images, spec, params, grouped=False)
+    torch.testing.assert_close(whole, grouped, atol=1e-6, rtol=0)
+    # And through the normalisation, in a half type, as the public API returns it.
+    a = torch_path.simclr_view(images, spec, params, torch.bfloat16, grouped=True)
+    b = torch_path.simclr_view(images, spec, params, torch.bfloat16, grouped=False)
+    assert b.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(b.float(), a.float(), atol=1e-2, rtol=0)
+
+
+def test_whole_batch_mode_ignores_what_is_not_selected():
+    # Unselected samples may carry sigma 0 (NaN kernels) or huge hue shifts: the whole-batch
+    # mode computes blur and hue for them too and must drop the results, not blend them in.
+    spec = SimCLRSpec(size=7)
+    images = random_images(8, 9, 11, seed=23)
+    params = covering_simclr_params(8, 9, 11, spec, seed=24)
+    odd = replace(params, sigma=torch.where(params.blur, params.sigma, torch.zeros(8)),
+                  hue=torch.where(params.jitter, params.hue, torch.full((8,), 0.5)))
+    whole = torch_path.simclr_unnormalised(images, spec, odd, grouped=False)
+    assert torch.isfinite(whole).all()
+    torch.testing.assert_close(whole, torch_path.simclr_unnormalised(images, spec, params, grouped=True),
+                               atol=1e-6, rtol=0)
+
+
+def test_mode_switch(monkeypatch):
+    cpu = torch.zeros(1, 1, 1, 3, dtype=torch.uint8)
+    meta = torch.zeros(1, 1, 1, 3, dtype=torch.uint8, device="meta")  # any non-CPU device
+    assert torch_path._is_grouped(cpu, None) and not torch_path._is_grouped(meta, None)
+    assert not torch_path._is_grouped(cpu, False) and torch_path._is_grouped(meta, True)
+    monkeypatch.setattr(torch_path, "GROUPED", False)
+    assert not torch_path._is_grouped(cpu, None) and torch_path._is_grouped(cpu, True)

@@ -34,7 +34,15 @@ IN_SUBPROCESS = HAVE_TRITON and DEVICE == "cpu" and os.environ.get(CHILD_FLAG) !
 
 from kernels_testutil import covering_simclr_params, random_images, unnormalise  # noqa: E402
 
-from kernels import SimCLRSpec, WeakSpec, normalize, simclr_views, torch_path, weak_view  # noqa: E402
+from kernels import (  # noqa: E402
+    SimCLRSpec,
+    WeakSpec,
+    normalize,
+    simclr_views,
+    simclr_views_stacked,
+    torch_path,
+    weak_view,
+)
 
 RUN_HERE = HAVE_TRITON and not IN_SUBPROCESS
 if RUN_HERE:
@@ -81,12 +89,13 @@ def test_simclr_single_tile(interpolation, dtype):
 
 
 @here
-@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
-def test_simclr_multi_tile_two_sweeps(interpolation):
-    # block=16 splits the 49 pixels into 4 tiles: the contrast mean then comes from the
-    # separate first sweep, and tile edges cut through rows; the fixed K=5 blur reaches 2 rows
-    # across (the default per-sample kernels run in test_simclr_single_tile).
-    spec = SimCLRSpec(size=7, interpolation=interpolation, blur_kernel_size=5)
+@pytest.mark.parametrize("interpolation,hue", [("bicubic", 0.1), ("bilinear", 0.1), ("bicubic", 0.0)])
+def test_simclr_tile_axis_and_contrast_prepass(interpolation, hue):
+    # block=16 splits the 49 pixels into 4 tiles, one program each: the contrast mean then
+    # comes from the pre-pass's tile sums (with hue before contrast in some of the orders, or
+    # compiled without hue), and tile edges cut through rows; the fixed K=5 blur reaches 2
+    # rows across (the default per-sample kernels run in test_simclr_single_tile).
+    spec = SimCLRSpec(size=7, interpolation=interpolation, blur_kernel_size=5, hue=hue)
     images = random_images(8, 9, 11, seed=4)
     params = [covering_simclr_params(8, 9, 11, spec, seed=5)]
     _check_simclr(images, spec, params, torch.float32, block=16)
@@ -119,12 +128,37 @@ def test_simclr_non_contiguous_source_and_disabled_ops():
 
 
 @here
-def test_simclr_ops_disabled_by_spec():
+@pytest.mark.parametrize("block", [None, 16])
+def test_simclr_ops_disabled_by_spec(block):
     # Replayed flags for ops the spec turns off must be ignored exactly as by the torch path.
+    # jitter_p = 0 with hue > 0, as the RandomResizedCrop weak view: compiled without jitter
+    # and HSV code, in one tile and on the tile axis (no pre-pass then).
     spec = SimCLRSpec(size=7, jitter_p=0.0, grayscale_p=0.0, interpolation="bilinear")
+    assert spec.hue > 0
     images = random_images(4, 9, 11, seed=11)
     params = [covering_simclr_params(4, 9, 11, spec, seed=12)]
-    _check_simclr(images, spec, params, torch.float32)
+    _check_simclr(images, spec, params, torch.float32, block=block)
+
+
+@here
+@pytest.mark.parametrize("block,blur_p", [(None, 0.5), (32, 0.0)])
+def test_stacked_buffer(block, blur_p):
+    # One launch buffer, view-major: equal bit for bit to the per-view list of a second launch
+    # concatenated (so also deterministic: the pre-pass writes tile sums, no atomics), close
+    # to the torch path. In one tile with the blur passes, and on the tile axis with the
+    # pre-pass (blur off there to keep the interpreter quick; tiled blur runs above).
+    spec = SimCLRSpec(size=7, blur_p=blur_p)
+    images = random_images(5, 9, 11, seed=15).to(DEVICE)
+    params = [covering_simclr_params(5, 9, 11, spec, seed=s).to(DEVICE) for s in (16, 17)]
+    stacked = triton_simclr.simclr_views_stacked(images, spec, params, torch.float32, block=block)
+    assert stacked.shape == (10, 3, 7, 7) and stacked.is_contiguous(memory_format=torch.channels_last)
+    views = triton_simclr.simclr_views(images, spec, params, torch.float32, block=block)
+    # The list is row blocks of one buffer: no copy either.
+    assert views[1].untyped_storage().data_ptr() == views[0].untyped_storage().data_ptr()
+    assert torch.equal(torch.cat(views), stacked)
+    ref = torch.cat([torch_path.simclr_view(images.cpu(), spec, p.to("cpu")) for p in params])
+    torch.testing.assert_close(unnormalise(stacked.cpu(), spec.mean, spec.std), unnormalise(ref, spec.mean, spec.std),
+                               atol=TOL[torch.float32], rtol=0)
 
 
 @here
@@ -135,6 +169,12 @@ def test_dispatch_triton_backend():
     plain, _ = simclr_views(images, spec, params=[p.to("cpu") for p in params], backend="torch")
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a.cpu(), b, atol=5e-4, rtol=0)
+    # The stacked entry point: the same params give the list concatenated, in bf16 too.
+    for dtype in (torch.float32, torch.bfloat16):
+        stacked, _ = simclr_views_stacked(images.to(DEVICE), spec, params=params, dtype=dtype, backend="triton")
+        views, _ = simclr_views(images.to(DEVICE), spec, params=params, dtype=dtype, backend="triton")
+        assert stacked.dtype == dtype and torch.equal(stacked, torch.cat(views))
+    torch.testing.assert_close(stacked.cpu().float(), torch.cat(plain), atol=3e-2, rtol=0)
 
 
 @here
