@@ -39,7 +39,7 @@ demo: setup
 	$(VENV)/bin/dbd run configs/demo/digits_badnets_dbd.yaml run_dir=$(DEMO_RUN)
 
 test: setup
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=20 tests
 
 bench: setup
 	$(PY) -m benchmarks --out benchmarks/results
