@@ -87,14 +87,11 @@ def simclr_views(
     To feed all views to one forward, simclr_views_stacked returns them as one batch
     without the copy of a torch.cat.
     """
-    params, which = _simclr_setup(images, spec, n_views, generator, seed, epoch, step, rank, params, dtype, backend)
-    if which == "triton":
-        from . import triton_simclr
-
-        views = triton_simclr.simclr_views(images, spec, params, dtype)
-    else:
-        views = [torch_path.simclr_view(images, spec, p, dtype) for p in params]
-    return views, params
+    stacked, params = simclr_views_stacked(images, spec, n_views=n_views, generator=generator, seed=seed,
+                                           epoch=epoch, step=step, rank=rank, params=params, dtype=dtype,
+                                           backend=backend)
+    # Row blocks of the one buffer: channels_last views, no copy.
+    return list(stacked.split(images.shape[0])), params
 
 
 def simclr_views_stacked(

@@ -25,12 +25,14 @@ from tests.runtime.helpers import (BIN, STEPS, assert_trajectory, check, dbd_cmd
 pytestmark = pytest.mark.slow
 
 # Between 1 and 2 processes (different summation orders, see assert_trajectory). With the
-# reference's kaiming initialisation the width-4 net is more chaotic than with PyTorch's
-# default: measured on the AMD EPYC, steps 0-2 agree within 6e-5, and the rounding
-# differences then grow to 4e-3, 8e-3 and 6e-2 by steps 3-5. The first three steps are
-# where a real error (a gradient off by the world size, a wrong shard, unsynchronised
-# BatchNorm) shows, at the 1e-1 level or more.
-CROSS = dict(first_tol=1e-4, tol=1.5e-1, first=3)
+# reference's kaiming initialisation the width-4 net is chaotic: measured on the AMD EPYC
+# at 7fbb10b, steps 0-2 agreed within 6e-5 and the rounding differences then grew to
+# 4e-3, 8e-3 and 6e-2 by steps 3-5. Since the SimCLR blur became the reference's full
+# Gaussian (issue 12) the growth starts a step earlier: step 2 differs by 2.5e-3 (and by
+# 3e-3 in benchmarks/gpu.py's smoke run, which compares the same thing independently).
+# The first two steps are where a real error (a gradient off by the world size, a wrong
+# shard, unsynchronised BatchNorm) shows, at the 1e-1 level or more.
+CROSS = dict(first_tol=1e-4, tol=1.5e-1, first=2)
 # Between 2-process launchers running the same DDP code.
 SAME = dict(first_tol=1e-6, tol=1e-5)
 
