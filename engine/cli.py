@@ -16,6 +16,8 @@ COMMANDS = {
     "inspect": ("inspect", "summarise a .beton file: count, image sizes, label histogram"),
     "run": ("run", "run the stages a config lists (any launcher: torchrun, deepspeed, mpirun, srun)"),
     "report": ("report", "rebuild report.md and plots of a run directory from its files"),
+    "sweep": ("sweep", "run every cell of a grid file (or write a Slurm array for it: --slurm)"),
+    "leaderboard": ("leaderboard", "write leaderboard.md/.csv and plots of a sweep folder"),
     "preview": ("preview", "render clean vs triggered samples of the configured attack"),
     "export-poisoned": ("export_poisoned", "write what the loader delivers before augmentation to .npz"),
     "attack-prepare": ("attack_prepare", "precompute attack assets (label-consistent PGD perturbations)"),

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from engine.attacks.config import AttackConfig
-from engine.settings import DataConfig, DistributedConfig, LoggingConfig, ModelConfig, check, from_dict, load_raw, to_dict
+from engine.settings import DataConfig, DistributedConfig, LoggingConfig, ModelConfig, check, from_dict, load_raw, set_dotted, to_dict
 from engine.stages import STAGES, default_stages
 
 __all__ = ["Config", "load_config", "to_dict", "dump_yaml", "save_resolved"]
@@ -41,6 +41,9 @@ class _ConfigBase:
 def _config_class() -> type:
     shared = [
         ("run_dir", str, field(default="runs/default")),
+        # A folder of stages shared between runs, keyed by what each stage depends on
+        # (engine.stages.store): empty = off, every stage trains in the run dir.
+        ("stage_store", str, field(default="")),
         ("stages", tuple[str, ...], field(default=default_stages())),
         ("seed", int, field(default=0)),
         ("device", str, field(default="auto")),  # auto | cpu | cuda
@@ -64,9 +67,14 @@ def _config_class() -> type:
 Config = _config_class()
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Defaults, then the YAML file (if any), then ``dotted.key=value`` overrides."""
-    cfg = from_dict(Config, load_raw(path, overrides), prefix="")
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                values: dict[str, Any] | None = None) -> Any:
+    """Defaults, then the YAML file (if any), then ``dotted.key=value`` overrides, then
+    ``values`` (dotted keys to already-typed values, as a sweep's grid gives them)."""
+    raw = load_raw(path, overrides)
+    for key, value in (values or {}).items():
+        set_dotted(raw, key, value)
+    cfg = from_dict(Config, raw, prefix="")
     cfg.validate()
     return cfg
 

@@ -2,7 +2,10 @@
 
 A stage is complete when ``<run_dir>/<stage>/done.json`` exists; complete stages are
 skipped, an interrupted one resumes from its latest checkpoint (engine.stages.trainer).
-After the stages, rank 0 writes ``summary.json`` and ``report.md`` with plots.
+With ``stage_store`` set, each stage folder is a link into that shared store, keyed by
+what the stage depends on, so runs that share a stage train it once
+(engine.stages.store). After the stages, rank 0 writes ``summary.json`` and
+``report.md`` with plots.
 
 This module wires the run's components together and hands each only its own config
 section: the process group (``device``, ``distributed``), the attack (``attack``,
@@ -10,18 +13,20 @@ section: the process group (``device``, ``distributed``), the attack (``attack``
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
 
-from engine.config import dump_yaml, save_resolved
+from engine.config import dump_yaml, save_resolved, to_dict
 from engine.data.prepare import load_meta
 from engine.data.run_data import DatasetMeta, RunData
 from engine.errors import UserError
 from engine.report.metrics import MetricsWriter
 from engine.runtime.precision import Precision
 from engine.stages import StageEnv, stage_class
-from engine.stages.base import DONE
+from engine.rundir import DONE, METRICS
+from engine.stages.store import StageStore
 from engine.stages.trainer import Trainer
 
 
@@ -54,15 +59,20 @@ def make_stage(cfg, name: str, *, run_dir: Path, dist, data: RunData, metrics: M
 
     ``dbd run`` and the benchmarks build stages through here, so a benchmark times the
     very object a run trains."""
-    metrics = metrics if metrics is not None else MetricsWriter(Path(run_dir) / "metrics.jsonl", enabled=False)
+    metrics = metrics if metrics is not None else MetricsWriter(Path(run_dir) / METRICS, enabled=False)
+    metrics = metrics.with_context(stage=name)
+    if cfg.stage_store:
+        metrics = metrics.teed(Path(run_dir) / name / METRICS)  # the store entry keeps its own records
     env = StageEnv(name=name, run_dir=Path(run_dir), seed=cfg.seed, precision=Precision(cfg.precision), dist=dist,
                    data=data, poison=data.poison, model=cfg.model, distributed=cfg.distributed,
-                   metrics=metrics.with_context(stage=name))
+                   metrics=metrics)
     return stage_class(name)(cfg.section(name), env)
 
 
 def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
-    from engine.runtime.launch import barrier, init_distributed, shutdown
+    """Run the stages; a process group that exists already (``dbd sweep``) is used and
+    left up, one created here is destroyed at the end."""
+    from engine.runtime.launch import barrier, current, init_distributed, shutdown
 
     if not cfg.data.root:
         raise UserError("config: data.root is empty: point it at a folder written by `dbd prepare`")
@@ -72,6 +82,7 @@ def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
     for name in names:
         stage_class(name)
     run_dir = Path(cfg.run_dir)
+    owns_group = current() is None
     dist = init_distributed(cfg.device, cfg.distributed)
     try:
         preflight(cfg, dist.world_size, names)  # batch divisibility, DeepSpeed config: before any work
@@ -80,18 +91,26 @@ def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
             _record_config(cfg, run_dir)
         poison = _build_poison(cfg, meta, run_dir, dist, barrier)
         data = RunData(cfg.data, meta, dist, cfg.seed, poison)
-        metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=dist.is_main)
+        metrics = MetricsWriter(run_dir / METRICS, enabled=dist.is_main)
+        store = None
+        if cfg.stage_store:
+            store = StageStore(cfg.stage_store, to_dict(cfg), dataset_hash=meta.content_hash or str(
+                Path(cfg.data.root).resolve()), world_size=dist.world_size)
         results = {}
         for name in names:
-            done = run_dir / name / DONE
-            if done.is_file():
-                if dist.is_main:
-                    print(f"[{name}] complete, skipped ({done})", flush=True)
-                results[name] = json.loads(done.read_text())
-                continue
-            stage = make_stage(cfg, name, run_dir=run_dir, dist=dist, data=data, metrics=metrics)
-            results[name] = Trainer(stage, logging=cfg.logging,
-                                    checkpoint_every=cfg.distributed.checkpoint_every).run()
+            with store.attach(name, run_dir, dist) if store else contextlib.nullcontext():
+                done = run_dir / name / DONE
+                if done.is_file():
+                    if dist.is_main:
+                        if store is None:
+                            print(f"[{name}] complete, skipped ({done})", flush=True)
+                        else:
+                            StageStore.copy_records(name, run_dir)
+                    results[name] = json.loads(done.read_text())
+                    continue
+                stage = make_stage(cfg, name, run_dir=run_dir, dist=dist, data=data, metrics=metrics)
+                results[name] = Trainer(stage, logging=cfg.logging,
+                                        checkpoint_every=cfg.distributed.checkpoint_every).run()
         if dist.is_main:
             from engine.report.build import build_report
 
@@ -101,7 +120,8 @@ def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
         barrier()
         return results
     finally:
-        shutdown()
+        if owns_group:
+            shutdown()
 
 
 def _record_config(cfg, run_dir: Path) -> None:

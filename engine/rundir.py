@@ -6,3 +6,4 @@ MODEL = "model.pt"  # <run_dir>/<stage>/model.pt: the final weights, fp32 state 
 FEATURES = "features.npz"  # <run_dir>/<stage>/features.npz: backbone features for the report's map
 CONFIG = "config.yaml"  # <run_dir>/config.yaml: the resolved config
 METRICS = "metrics.jsonl"  # <run_dir>/metrics.jsonl: every record of the run
+SWEEP_INDEX = "cells.json"  # <sweep_dir>/cells.json: a sweep's cells, their values, run dirs and statuses

@@ -1,6 +1,6 @@
 """Imports point down the layers, lazy imports inside functions included.
 
-commands over pipeline over config over stages; stages over attacks, data, runtime,
+commands over sweeps over pipeline over config over stages; stages over attacks, data, runtime,
 models and report; kernels/ and engine/losses/ at the bottom, importing nothing of the
 layers above. A module may import its own package and anything on a lower layer.
 """
@@ -22,6 +22,7 @@ LAYERS = {
     "engine.stages": 5,
     "engine.config": 6,
     "engine.pipeline": 7,
+    "engine.sweep": 7.5,
     "engine.commands": 8, "engine.cli": 8, "engine.__main__": 9, "engine": 9,
 }
 

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import yaml
 
-from engine.data.prepare import prepare
-from tests.builders import write_pattern_cifar
 
 TINY = {
     "stages": ["supervised", "pretrain", "linear", "finetune"],
@@ -28,15 +26,6 @@ TINY = {
     "finetune": {"epochs": 2, "iterations_per_epoch": 2, "batch_size": 16, "rampup_epochs": 2},
     "logging": {"progress": False, "log_every": 1},
 }
-
-
-@pytest.fixture(scope="module")
-def color_root(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("pattern")
-    folder = write_pattern_cifar(base / "src")
-    out = base / "beton"
-    prepare("cifar10", str(folder), out, progress=False)
-    return out
 
 
 def write_config(tmp_path: Path, root: Path, **changes) -> Path:

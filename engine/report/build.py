@@ -93,7 +93,46 @@ def summarise(cfg: dict, records: list[dict], stages: dict) -> dict:
     summary.update(assess(cfg, stages, list(stages)).summary_fields())
     summary["stage_labels"] = {i.name: i.label for i in infos}
     summary["defense_seconds"] = defense_seconds(infos)
+    summary["cost"] = {name: done["cost"] for name, done in stages.items() if isinstance(done.get("cost"), dict)}
+    summary["cost_total"] = total_cost(summary["cost"].values())
     return summary
+
+
+def total_cost(costs) -> dict:
+    """The sum of stage costs: wall time, images, device-hours; memory peaks as the max."""
+    costs = list(costs)
+    if not costs:
+        return {}
+    wall = sum(float(c.get("wall_seconds") or 0.0) for c in costs)
+    images = sum(int(c.get("images") or 0) for c in costs)
+    gpu = [c["peak_gpu_memory_mib"] for c in costs if c.get("peak_gpu_memory_mib") is not None]
+    return {"wall_seconds": round(wall, 2), "images": images,
+            "images_per_second": round(images / wall, 1) if wall > 0 else 0.0,
+            "device_hours": round(sum(float(c.get("device_hours") or 0.0) for c in costs), 6),
+            "device_hours_unit": costs[0].get("device_hours_unit"),
+            "peak_host_rss_mib": max(float(c.get("peak_host_rss_mib") or 0.0) for c in costs),
+            "peak_gpu_memory_mib": max(gpu) if gpu else None}
+
+
+def cost_table(costs: dict) -> list[str]:
+    """report.md's cost section: one row per stage that recorded its cost."""
+    if not costs:
+        return []
+    first = next(iter(costs.values()))
+    unit = first.get("device_hours_unit") or "device-hours"
+    lines = ["## Cost", "",
+             f"Measured on {first.get('device')}, world size {first.get('world_size')}, commit "
+             f"{first.get('commit')}; " + ", ".join(f"{k} {v}" for k, v in (first.get("versions") or {}).items())
+             + ". Images are training images; images/s is over the stage's whole wall time (building, "
+             "evaluation and checkpoints included).", "",
+             f"| stage | wall time | images | images/s | {unit} | peak host RSS (MiB) | peak GPU memory (MiB) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, c in costs.items():
+        gpu = c.get("peak_gpu_memory_mib")
+        lines.append(f"| {name} | {fmt_time(float(c.get('wall_seconds') or 0.0))} | {c.get('images')} "
+                     f"| {c.get('images_per_second')} | {float(c.get('device_hours') or 0.0):.4f} "
+                     f"| {c.get('peak_host_rss_mib')} | {'-' if gpu is None else gpu} |")
+    return lines + [""]
 
 
 def defense_seconds(infos: list[StageInfo]) -> dict[str, float]:
@@ -186,6 +225,7 @@ def build_report(run_dir: str | Path) -> str:
         "| --- | --- |",
         *[f"| {i.name} | {i.seconds:.1f} |" for i in infos],
         "",
+        *cost_table(summary["cost"]),
     ]
     for info in infos:
         detail = summary.get(info.name, {}).get("split_detail")

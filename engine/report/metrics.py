@@ -16,25 +16,33 @@ from engine.fsutil import _json_default
 
 
 class MetricsWriter:
-    def __init__(self, path: str | Path, enabled: bool = True, **context: Any):
+    """Appends records to ``path`` and, when given, also to ``also`` (a stage-store entry
+    keeps its stage's own records: engine.stages.store)."""
+
+    def __init__(self, path: str | Path, enabled: bool = True, also: str | Path | None = None, **context: Any):
         self.path = Path(path)
         self.enabled = enabled
+        self.also = Path(also) if also is not None else None
         self.context = context
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def with_context(self, **context: Any) -> "MetricsWriter":
-        return MetricsWriter(self.path, self.enabled, **{**self.context, **context})
+        return MetricsWriter(self.path, self.enabled, self.also, **{**self.context, **context})
+
+    def teed(self, also: str | Path) -> "MetricsWriter":
+        return MetricsWriter(self.path, self.enabled, also, **self.context)
 
     def log(self, kind: str, **values: Any) -> None:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), "kind": kind, **self.context, **values}
         line = json.dumps(record, default=_json_default)
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        for path in (self.path, self.also) if self.also is not None else (self.path,):
+            with open(path, "a") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def read_metrics(path: str | Path) -> list[dict]:

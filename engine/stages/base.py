@@ -7,7 +7,9 @@ A stage declares what differs between stages and nothing else:
   name its results), ``defense`` (which defense it belongs to, "none" for the
   baseline), ``evaluates`` (whether BA/ASR/RA are scored after each epoch),
   ``needs`` (earlier stages it reads), ``default_position`` (its place in the default
-  ``stages`` list, None when it is opt-in);
+  ``stages`` list, None when it is opt-in), ``depends_on`` (the config keys its result
+  depends on besides its own section and its ``needs``: a stage store reruns it when
+  one of them changes and reuses it otherwise, engine.stages.keys);
 - ``build()``: model, backend, loaders, views; it sets ``backend``, ``epochs``,
   ``steps_per_epoch`` and ``images_per_step``;
 - ``batches(epoch)``, ``on_epoch_start(epoch)``, and one training step in two halves:
@@ -46,6 +48,16 @@ if TYPE_CHECKING:  # the types only; importing them at run time would pull in FF
     from engine.settings import DistributedConfig, ModelConfig
 
 STAGES: dict[str, type["Stage"]] = {}
+
+# The inputs every stage's result depends on, for ``depends_on``: the prepared dataset
+# (its content hash, not its path), the data settings the views read, the attack (the
+# chosen attack's settings only), the model, the seed, the precision, and the
+# distributed settings that change the arithmetic rather than its speed.
+# engine.stages.keys resolves "dataset" and "attack".
+INPUTS: tuple[str, ...] = (
+    "dataset", "data.image_size", "data.decode_size", "data.mean", "data.std", "data.horizontal_flip",
+    "attack", "model", "seed", "precision",
+    "distributed.batch_semantics", "distributed.lr_scaling", "distributed.grad_clip")
 
 
 @dataclass
@@ -93,6 +105,7 @@ class Stage(abc.ABC):
     evaluates: ClassVar[bool] = True
     needs: ClassVar[tuple[str, ...]] = ()
     default_position: ClassVar[int | None] = None
+    depends_on: ClassVar[tuple[str, ...]]  # every registered stage declares it
 
     # Set by build():
     backend: Any
@@ -105,6 +118,8 @@ class Stage(abc.ABC):
         if "name" in cls.__dict__:
             if cls.name in STAGES and STAGES[cls.name] is not cls:
                 raise RuntimeError(f"two stages are named {cls.name!r}: {STAGES[cls.name]} and {cls}")
+            if "depends_on" not in cls.__dict__:
+                raise RuntimeError(f"stage {cls.name!r} must declare depends_on (what its result depends on)")
             STAGES[cls.name] = cls
 
     def __init__(self, config: Any, env: StageEnv):

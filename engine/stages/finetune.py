@@ -24,7 +24,7 @@ from engine.runtime.backends import build_backend
 from engine.runtime.batching import plan_batch
 from engine.runtime.seeds import seed_stream
 from engine.settings import WeakViewConfig, check
-from engine.stages.base import Stage
+from engine.stages.base import INPUTS, Stage
 from engine.stages.linear import OPTIMIZER
 from engine.stages.split import EpochSplit
 from engine.stages.views import WeakAugment
@@ -93,6 +93,8 @@ class Finetune(Stage):
     config_class = FinetuneConfig
     label = "DBD"
     defense = "dbd"
+    # What the result depends on besides this section and ``needs`` (engine.stages.keys).
+    depends_on = INPUTS
     needs = ("linear",)
     default_position = 3
 

@@ -24,6 +24,7 @@ from engine.stages.classifier import ClassifierStage
 from engine.stages.split import EpochSplit
 from engine.stages.views import WeakAugment
 from engine.stages.weights import load_weights
+from engine.stages.base import INPUTS
 
 
 @dataclass
@@ -49,6 +50,8 @@ class FinetuneLabelled(ClassifierStage):
     config_class = FinetuneLabelledConfig
     label = "DBD ablation: labelled split only"
     defense = "dbd_labelled_only"
+    # What the result depends on besides this section and ``needs`` (engine.stages.keys).
+    depends_on = INPUTS
     needs = ("linear",)
 
     def build(self) -> None:

@@ -19,6 +19,7 @@ from engine.runtime.batching import plan_batch
 from engine.settings import WeakViewConfig, check
 from engine.stages.classifier import ClassifierStage
 from engine.stages.weights import load_weights
+from engine.stages.base import INPUTS
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Linear(ClassifierStage):
     config_class = LinearConfig
     label = "DBD, linear stage"
     defense = "dbd"
+    # What the result depends on besides this section and ``needs`` (engine.stages.keys).
+    depends_on = INPUTS
     needs = ("pretrain",)
     default_position = 2
 

@@ -24,7 +24,7 @@ from engine.losses.ntxent import nt_xent
 from engine.runtime.backends import build_backend
 from engine.runtime.batching import plan_batch
 from engine.settings import SimCLRViewConfig, check
-from engine.stages.base import Stage
+from engine.stages.base import INPUTS, Stage
 from engine.stages.views import simclr_spec
 
 
@@ -78,6 +78,8 @@ class Pretrain(Stage):
     config_class = PretrainConfig
     label = "DBD, SimCLR"
     defense = "dbd"
+    # What the result depends on besides this section and ``needs`` (engine.stages.keys).
+    depends_on = INPUTS
     evaluates = False
     default_position = 1
 

@@ -15,6 +15,7 @@ from engine.runtime.backends import build_backend
 from engine.runtime.batching import plan_batch
 from engine.settings import WeakViewConfig, check
 from engine.stages.classifier import ClassifierStage
+from engine.stages.base import INPUTS
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Supervised(ClassifierStage):
     config_class = SupervisedConfig
     label = "no defense"
     defense = "none"
+    # What the result depends on besides this section and ``needs`` (engine.stages.keys).
+    depends_on = INPUTS
     default_position = 0
 
     def build(self) -> None:

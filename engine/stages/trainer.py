@@ -5,7 +5,10 @@ epoch hooks and its own state); the Trainer supplies what must be the same
 everywhere: the seed before the stage builds, resuming from the latest checkpoint,
 checkpoints every ``distributed.checkpoint_every`` steps and at each epoch end, metrics
 records reduced over ranks, the progress bar on rank 0, evaluation after each epoch,
-the final model written atomically, the feature dump, and the stage's ``done.json``.
+the final model written atomically, the feature dump, and the stage's ``done.json``
+with its cost (wall time, images, device-hours, peak memory, where it ran:
+engine.runtime.cost; a resumed stage adds its earlier attempts' time up to their last
+checkpoint).
 
 Resume is exact because every source of randomness is a function of the position:
 the loader order is a pure function of (seed, epoch, rank) and views are seeded from
@@ -29,6 +32,7 @@ from engine.fsutil import write_json
 from engine.report.progress import Progress
 from engine.runtime import launch
 from engine.runtime.checkpoint import Checkpointer, save_final_model, set_rng_state
+from engine.runtime.cost import CostMeter
 from engine.stages.base import DONE, MODEL, Stage
 from engine.stages.evaluate import Evaluator
 from engine.stages.faults import FAULT_ENV, maybe_fault, parse_fault
@@ -59,6 +63,8 @@ class Trainer:
         self.checkpoint_every = max(0, int(checkpoint_every))
         self.evaluator: Evaluator | None = None
         self.last_eval: dict = {}
+        self.meter: CostMeter | None = None
+        self.carried_cost: dict = {}  # wall and CPU seconds of earlier attempts (from the checkpoint)
 
     # ------------------------------------------------------------------ the whole stage
     def run(self) -> dict:
@@ -70,6 +76,7 @@ class Trainer:
             print(f"[{env.name}] starting", flush=True)
         launch.barrier()
         t0 = time.time()
+        self.meter = CostMeter(dist).start()
         # The same initial weights on every rank and under every launcher.
         torch.manual_seed(env.seed)
         stage.build()
@@ -87,17 +94,28 @@ class Trainer:
             # The report's feature-space picture: where this backbone puts poisoned samples.
             save_features(env.data, env.precision, backbone, env.stage_dir / FEATURES)
         launch.barrier()
+        cost = self.meter.finish(result.global_step * stage.images_per_step, self.carried_cost)
         summary = {"stage": env.name, "label": stage.label, "defense": stage.defense, "evaluates": stage.evaluates,
                    "seconds": round(time.time() - t0, 2), "world_size": dist.world_size, **final,
                    "epochs": result.epochs, "final_loss": result.last.get("loss"),
                    "images_per_second": round(result.images_per_second, 1), "steps_per_epoch": stage.steps_per_epoch, "backend": stage.backend.name,
-                   "precision": env.precision.name, **stage.summary()}
+                   "precision": env.precision.name, **stage.summary(), "cost": cost}
         if dist.is_main:
             write_json(env.stage_dir / DONE, summary)
             env.metrics.log("stage_done", **{k: v for k, v in summary.items() if _scalar(v)})
             print(f"[{env.name}] done in {summary['seconds']:.1f} s", flush=True)
         launch.barrier()
         return summary
+
+    def _cost_so_far(self) -> dict:
+        """Wall seconds (rank 0's) and CPU seconds (summed over ranks) of this and earlier
+        attempts, for the checkpoint: a collective."""
+        if self.meter is None:
+            return dict(self.carried_cost)
+        wall, cpu = self.meter.elapsed()
+        cpu_sum = self.env.dist.mean_over_ranks({"cpu": cpu})["cpu"] * self.env.dist.world_size
+        return {"wall_seconds": float(self.carried_cost.get("wall_seconds", 0.0)) + wall,
+                "cpu_seconds": float(self.carried_cost.get("cpu_seconds", 0.0)) + cpu_sum}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, epoch: int) -> dict:
@@ -134,6 +152,7 @@ class Trainer:
             global_step = int(loop_state.get("global_step", 0))
             carried = dict(loop_state.get("partial_sums", {}))
             carried_count = int(loop_state.get("partial_count", 0))
+            self.carried_cost = dict(loop_state.get("cost", {}))
             stage.load_state_dict(state.get("user", {}))
             start_epoch, start_step = res["epoch"], res["step"]
             if start_step >= steps_per_epoch:
@@ -148,7 +167,8 @@ class Trainer:
 
         def checkpoint(epoch: int, step: int, sums: dict, count: int) -> None:
             loop_state = {"history": history, "global_step": global_step,
-                          "partial_sums": dist.mean_over_ranks(sums) if count else {}, "partial_count": count}
+                          "partial_sums": dist.mean_over_ranks(sums) if count else {}, "partial_count": count,
+                          "cost": self._cost_so_far()}
             checkpointer.save(epoch, step, {"user": stage.state_dict(), "loop": loop_state})
 
         try:

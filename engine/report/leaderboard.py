@@ -1,0 +1,330 @@
+"""``dbd leaderboard SWEEP_DIR``: one row per cell of a sweep, over its seeds, with the cost.
+
+Inputs are the sweep's ``cells.json`` and each cell's run dir (its stages' ``done.json``
+and ``summary.json``), so the table can be rebuilt at any time, also while a sweep runs
+or after a ``--slurm`` sweep. A row groups the cells whose values differ only in
+``seed``: BA, ASR, RA and the split's poisoned share (last epoch) are mean ± sample std
+over the finished seeds, with their count. The cost columns are per cell (mean over its
+seeds) and count every stage the cell's result used, shared ones included: what the
+number cost to produce alone. The sweep's own total, under the table, counts each
+shared stage once. BA drop and ASR reduction compare a defense's row with the row of
+the same values under ``defense: none``.
+
+Failed or unfinished cells are shown as such, never left out. Outputs:
+``leaderboard.md``, ``leaderboard.csv`` and ``plots/leaderboard_ba_asr.png`` (BA against
+ASR, an arrow from each no-defense row to its defended row) and
+``plots/leaderboard_cost.png`` (wall time and device-hours per row).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import UserError
+from engine.fsutil import write_text
+from engine.report.build import fmt_time, total_cost
+from engine.rundir import DONE, SWEEP_INDEX
+
+METRICS = ("BA", "ASR", "RA", "poisoned_share")
+
+
+@dataclass
+class CellResult:
+    name: str
+    values: dict
+    defense: str | None
+    status: str  # done | failed | unfinished | not run
+    error: str | None = None
+    metrics: dict = field(default_factory=dict)  # BA, ASR, RA, poisoned_share (None where it does not apply)
+    cost: dict = field(default_factory=dict)  # engine.report.build.total_cost over the cell's stages
+    stage_dirs: dict = field(default_factory=dict)  # stage -> resolved folder (shared ones are one folder)
+
+
+def _final_stage(stages: list[str], dones: dict) -> str | None:
+    evaluated = [s for s in stages if s in dones and dones[s].get("evaluates", "BA" in dones[s])]
+    return evaluated[-1] if evaluated else None
+
+
+def read_cell(sweep: Path, entry: dict) -> CellResult:
+    run_dir = sweep / entry["run_dir"]
+    stages = list(entry.get("stages") or [])
+    dones = {s: json.loads((run_dir / s / DONE).read_text()) for s in stages if (run_dir / s / DONE).is_file()}
+    status = entry.get("status")
+    if status == "failed":
+        state = "failed"
+    elif stages and len(dones) == len(stages):
+        state = "done"
+    elif status == "running" or dones or (run_dir / "config.yaml").is_file():  # a run has started there
+        state = "unfinished"
+    else:
+        state = "not run"
+    result = CellResult(name=entry["name"], values=dict(entry.get("values") or {}), defense=entry.get("defense"),
+                        status=state, error=entry.get("error"))
+    result.stage_dirs = {s: os.path.realpath(run_dir / s) for s in dones}
+    if state != "done":
+        return result
+    final = _final_stage(stages, dones)
+    done = dones[final] if final else {}
+    if result.defense is None:
+        result.defense = done.get("defense")
+    share = None
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file() and final:
+        split = (json.loads(summary_path.read_text()).get(final) or {}).get("split") or []
+        share = split[-1] if split else None
+    result.metrics = {"BA": done.get("BA"), "ASR": done.get("ASR"), "RA": done.get("RA"), "poisoned_share": share}
+    result.cost = total_cost(d["cost"] for d in dones.values() if isinstance(d.get("cost"), dict))
+    return result
+
+
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+@dataclass
+class Row:
+    values: dict  # the grid values but the seed
+    defense: str | None
+    cells: list[CellResult]
+
+    @property
+    def done(self) -> list[CellResult]:
+        return [c for c in self.cells if c.status == "done"]
+
+    def stat(self, key: str) -> tuple[float | None, float | None]:
+        return _mean_std([c.metrics[key] for c in self.done if c.metrics.get(key) is not None])
+
+    def cost(self, key: str) -> float | None:
+        xs = [c.cost[key] for c in self.done if c.cost.get(key) is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    @property
+    def state(self) -> str:
+        counts: dict[str, int] = {}
+        for c in self.cells:
+            counts[c.status] = counts.get(c.status, 0) + 1
+        if counts.get("done") == len(self.cells):
+            return "done"
+        return ", ".join(f"{n} {s}" for s, n in counts.items())
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"{c.name}: {c.error}" for c in self.cells if c.status == "failed" and c.error]
+
+
+def group_rows(cells: list[CellResult]) -> list[Row]:
+    rows: dict[tuple, Row] = {}
+    for c in cells:
+        values = {k: v for k, v in c.values.items() if k != "seed"}
+        key = json.dumps(values, sort_keys=True, default=str)
+        if key not in rows:
+            rows[key] = Row(values=values, defense=c.defense, cells=[])
+        rows[key].cells.append(c)
+        if rows[key].defense is None:
+            rows[key].defense = c.defense
+    return list(rows.values())
+
+
+def baseline_of(row: Row, rows: list[Row]) -> Row | None:
+    if row.defense in (None, "none"):
+        return None
+    want = {**row.values, "defense": "none"} if "defense" in row.values else None
+    for other in rows:
+        if want is not None and other.values == want:
+            return other
+    return None
+
+
+def _fmt(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def table_rows(rows: list[Row], keys: list[str]) -> tuple[list[str], list[list], list[list[str]]]:
+    """Column names, raw values (the CSV) and formatted cells (the markdown)."""
+    value_keys = [k for k in keys if k not in ("seed", "defense")]
+    header = [*value_keys, "defense", "seeds", "status", "BA", "BA_std", "ASR", "ASR_std", "RA", "RA_std",
+              "poisoned_share", "poisoned_share_std", "BA_drop", "ASR_reduction", "wall_seconds", "device_hours",
+              "device_hours_unit", "images_per_second", "peak_host_rss_mib", "peak_gpu_memory_mib"]
+    raw, shown = [], []
+    for row in rows:
+        stats = {k: row.stat(k) for k in METRICS}
+        base = baseline_of(row, rows)
+        drop = _diff(base.stat("BA")[0], stats["BA"][0]) if base else None
+        reduction = _diff(base.stat("ASR")[0], stats["ASR"][0]) if base else None
+        unit = next((c.cost.get("device_hours_unit") for c in row.done if c.cost), "")
+        cost = {k: row.cost(k) for k in ("wall_seconds", "device_hours", "images_per_second", "peak_host_rss_mib",
+                                         "peak_gpu_memory_mib")}
+        raw.append([*(row.values.get(k) for k in value_keys), row.defense, len(row.done), row.state,
+                    *(x for k in METRICS for x in stats[k]), drop, reduction, cost["wall_seconds"],
+                    cost["device_hours"], unit, cost["images_per_second"], cost["peak_host_rss_mib"],
+                    cost["peak_gpu_memory_mib"]])
+        num = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+        share = stats["poisoned_share"]
+        shown.append([*(str(row.values.get(k)) for k in value_keys), str(row.defense),
+                      f"{len(row.done)}/{len(row.cells)}", row.state if row.state == "done" else f"**{row.state}**",
+                      _fmt(*stats["BA"]), _fmt(*stats["ASR"]), _fmt(*stats["RA"]),
+                      "-" if share[0] is None else _fmt(*share) + "%", num(drop), num(reduction),
+                      "-" if cost["wall_seconds"] is None else fmt_time(cost["wall_seconds"]),
+                      num(cost["device_hours"], "{:.4f}") + (f" {_unit_short(unit)}" if unit else ""),
+                      num(cost["images_per_second"], "{:.0f}"), num(cost["peak_host_rss_mib"], "{:.0f}"),
+                      num(cost["peak_gpu_memory_mib"], "{:.0f}")])
+    return header, raw, shown
+
+
+def _unit_short(unit: str) -> str:
+    return {"GPU-hours": "GPU-h", "CPU core-hours": "core-h"}.get(unit, unit)
+
+
+def build_leaderboard(sweep: str | Path) -> str:
+    """Write leaderboard.md, leaderboard.csv and the plots; return the markdown table."""
+    sweep = Path(sweep)
+    path = sweep / SWEEP_INDEX
+    try:
+        index = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not index.get("cells"):
+        raise UserError(f"{sweep} is not a sweep folder: no {SWEEP_INDEX} with cells "
+                        f"(run `dbd sweep GRID --out {sweep}`)")
+    keys = list(index.get("keys") or [])
+    cells = [read_cell(sweep, e) for e in index["cells"]]
+    rows = group_rows(cells)
+    header, raw, shown = table_rows(rows, keys)
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in r] for r in raw])
+    write_text(sweep / "leaderboard.csv", buf.getvalue())
+
+    value_keys = [k for k in keys if k not in ("seed", "defense")]
+    cols = [*value_keys, "defense", "seeds", "status", "BA", "ASR", "RA", "poisoned share", "BA drop",
+            "ASR reduction", "wall time", "device-hours", "images/s", "peak RSS (MiB)", "peak GPU (MiB)"]
+    table = "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+                      + ["| " + " | ".join(r) + " |" for r in shown])
+    plots = _plots(sweep, rows, value_keys)
+    lines = [f"# Leaderboard: {sweep.name}", "",
+             f"Grid `{index.get('grid')}` on base config `{index.get('base')}`: {len(cells)} cells, "
+             f"{sum(c.status == 'done' for c in cells)} done.", "",
+             "BA: clean test accuracy; ASR: attack success rate; RA: robust accuracy (triggered images classified "
+             "as their true class); poisoned share: poisoned images in the split's labelled part at the last "
+             "epoch. All in percent, mean ± sample std over the finished seeds. BA drop and ASR reduction: "
+             "the no-defense row of the same values minus this row. Cost columns: per cell (mean over seeds), "
+             "every stage the result used counted, shared ones included.", "",
+             table, ""]
+    lines += _totals(cells)
+    errors = [e for r in rows for e in r.errors]
+    if errors:
+        lines += ["## Failed cells", ""] + [f"- {e}" for e in errors] + [""]
+    env = next((c for c in cells if c.cost), None)
+    if env is not None:
+        lines += [_measured_on(sweep, env), ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
+    write_text(sweep / "leaderboard.md", "\n".join(lines))
+    return table
+
+
+def _totals(cells: list[CellResult]) -> list[str]:
+    """The sweep's own cost: every distinct stage folder once (shared stages trained once)."""
+    seen: dict[str, dict] = {}
+    for c in cells:
+        for folder in c.stage_dirs.values():
+            done = Path(folder) / DONE
+            if folder not in seen and done.is_file():
+                cost = json.loads(done.read_text()).get("cost")
+                if isinstance(cost, dict):
+                    seen[folder] = cost
+    if not seen:
+        return []
+    total = total_cost(seen.values())
+    per_cell = sum(float(c.cost.get("wall_seconds") or 0.0) for c in cells if c.cost)
+    unit = total.get("device_hours_unit") or "device-hours"
+    return [f"Sweep total: {fmt_time(total['wall_seconds'])} of stage wall time and {total['device_hours']:.4f} "
+            f"{unit} for {len(seen)} distinct stages; the cells' own costs add up to {fmt_time(per_cell)} "
+            f"(the difference is the stages they share).", ""]
+
+
+def _measured_on(sweep: Path, cell: CellResult) -> str:
+    run_dir = sweep / "cells" / cell.name
+    for folder in cell.stage_dirs.values():
+        cost = json.loads((Path(folder) / DONE).read_text()).get("cost") or {}
+        if cost:
+            versions = ", ".join(f"{k} {v}" for k, v in (cost.get("versions") or {}).items())
+            return (f"Measured on {cost.get('device')}, world size {cost.get('world_size')}, commit "
+                    f"{cost.get('commit')}; {versions} (from {run_dir.name}).")
+    return ""
+
+
+def _plots(sweep: Path, rows: list[Row], value_keys: list[str]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from engine.fsutil import atomic_path
+
+    done = [r for r in rows if r.done and r.stat("BA")[0] is not None]
+    if not done:
+        return []
+    out = sweep / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    label = lambda r: ", ".join(str(r.values[k]) for k in value_keys) or "base"  # noqa: E731
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    markers = {"none": "o"}
+    for r in done:
+        ba, asr = r.stat("BA")[0], r.stat("ASR")[0]
+        ax.scatter(asr, ba, marker=markers.get(r.defense, "^"), s=60,
+                   color="tab:red" if r.defense == "none" else "tab:blue", zorder=3)
+        ax.annotate(f"{label(r)} ({r.defense})", (asr, ba), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        base = baseline_of(r, rows)
+        if base is not None and base.done and base.stat("BA")[0] is not None:
+            ax.annotate("", xy=(asr, ba), xytext=(base.stat("ASR")[0], base.stat("BA")[0]),
+                        arrowprops=dict(arrowstyle="->", color="gray", lw=1.2), zorder=2)
+    ax.set_xlabel("ASR (%)")
+    ax.set_ylabel("BA (%)")
+    ax.set_xlim(-5, 105)
+    ax.set_title("BA against ASR per cell (red: no defense, blue: defense; arrow: no defense -> defense)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    path = out / "leaderboard_ba_asr.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(path)
+
+    costed = [r for r in done if r.cost("wall_seconds") is not None]
+    if costed:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(costed) + 1.5), sharey=True)
+        names = [f"{label(r)} ({r.defense})" for r in costed]
+        axes[0].barh(names, [r.cost("wall_seconds") / 60 for r in costed], color="tab:gray")
+        axes[0].set_xlabel("wall time per cell (min)")
+        unit = next((c.cost.get("device_hours_unit") for r in costed for c in r.done if c.cost), "device-hours")
+        axes[1].barh(names, [r.cost("device_hours") or 0.0 for r in costed], color="tab:green")
+        axes[1].set_xlabel(f"{unit} per cell")
+        for a in axes:
+            a.grid(axis="x", alpha=0.3)
+        path = out / "leaderboard_cost.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
