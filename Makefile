@@ -7,10 +7,13 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(shell cat constraints.txt pyproject.toml | sha1sum | cut -c1-12)
 SYSDEPS := libopencv-dev libturbojpeg0-dev pkg-config
+# Only for the tests: a one-node Slurm on localhost runs a real `dbd sweep --slurm` array
+# (tests/sweep/test_slurm_cluster.py, skipped with its reason where these are missing).
+TEST_SYSDEPS := slurmctld slurmd slurm-client munge
 DEMO_DATA := data/digits
 DEMO_RUN := runs/demo
 
-.PHONY: setup sysdeps demo test bench clean
+.PHONY: setup sysdeps test-sysdeps demo test bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +25,18 @@ sysdeps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
 	    echo "FFCV needs the Debian packages:$$missing. As root run: apt-get install -y$$missing" >&2; exit 1; \
+	  fi; \
+	fi
+
+test-sysdeps:
+	@missing=""; for p in $(TEST_SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages for the tests:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	      || echo "could not install$$missing: the local-Slurm test will be skipped" >&2; \
+	  else \
+	    echo "not root: the local-Slurm test will be skipped (it needs:$$missing)" >&2; \
 	  fi; \
 	fi
 
@@ -38,7 +53,7 @@ demo: setup
 	@test -f $(DEMO_DATA)/meta.json || $(VENV)/bin/dbd prepare digits --out $(DEMO_DATA)
 	$(VENV)/bin/dbd run configs/demo/digits_badnets_dbd.yaml run_dir=$(DEMO_RUN)
 
-test: setup
+test: setup test-sysdeps
 	$(VENV)/bin/pytest -q --durations=20 tests
 
 bench: setup

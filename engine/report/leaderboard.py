@@ -41,6 +41,7 @@ class CellResult:
     status: str  # done | failed | unfinished | not run
     error: str | None = None
     metrics: dict = field(default_factory=dict)  # BA, ASR, RA, poisoned_share (None where it does not apply)
+    implanted: bool | None = None  # a no-defense cell's verdict (engine.report.implant), None otherwise
     cost: dict = field(default_factory=dict)  # engine.report.build.total_cost over the cell's stages
     stage_dirs: dict = field(default_factory=dict)  # stage -> resolved folder (shared ones are one folder)
 
@@ -75,8 +76,10 @@ def read_cell(sweep: Path, entry: dict) -> CellResult:
     share = None
     summary_path = run_dir / "summary.json"
     if summary_path.is_file() and final:
-        split = (json.loads(summary_path.read_text()).get(final) or {}).get("split") or []
+        summary = json.loads(summary_path.read_text())
+        split = (summary.get(final) or {}).get("split") or []
         share = split[-1] if split else None
+        result.implanted = summary.get("attack_implanted")
     result.metrics = {"BA": done.get("BA"), "ASR": done.get("ASR"), "RA": done.get("RA"), "poisoned_share": share}
     result.cost = total_cost(d["cost"] for d in dones.values() if isinstance(d.get("cost"), dict))
     return result
@@ -116,6 +119,15 @@ class Row:
         if counts.get("done") == len(self.cells):
             return "done"
         return ", ".join(f"{n} {s}" for s, n in counts.items())
+
+    def implanted(self, rows: list["Row"]) -> bool | None:
+        """Whether the attack implanted in this row's no-defense row (this row itself, for
+        a baseline): every finished seed's baseline must say so. None when unknown."""
+        base = self if self.defense == "none" else baseline_of(self, rows)
+        verdicts = [c.implanted for c in base.done] if base is not None else []
+        if not verdicts or any(v is None for v in verdicts):
+            return None
+        return all(verdicts)
 
     @property
     def errors(self) -> list[str]:
@@ -158,7 +170,7 @@ def _diff(a: float | None, b: float | None) -> float | None:
 def table_rows(rows: list[Row], keys: list[str]) -> tuple[list[str], list[list], list[list[str]]]:
     """Column names, raw values (the CSV) and formatted cells (the markdown)."""
     value_keys = [k for k in keys if k not in ("seed", "defense")]
-    header = [*value_keys, "defense", "seeds", "status", "BA", "BA_std", "ASR", "ASR_std", "RA", "RA_std",
+    header = [*value_keys, "defense", "seeds", "status", "implanted", "BA", "BA_std", "ASR", "ASR_std", "RA", "RA_std",
               "poisoned_share", "poisoned_share_std", "BA_drop", "ASR_reduction", "wall_seconds", "device_hours",
               "device_hours_unit", "images_per_second", "peak_host_rss_mib", "peak_gpu_memory_mib"]
     raw, shown = [], []
@@ -170,7 +182,8 @@ def table_rows(rows: list[Row], keys: list[str]) -> tuple[list[str], list[list],
         unit = next((c.cost.get("device_hours_unit") for c in row.done if c.cost), "")
         cost = {k: row.cost(k) for k in ("wall_seconds", "device_hours", "images_per_second", "peak_host_rss_mib",
                                          "peak_gpu_memory_mib")}
-        raw.append([*(row.values.get(k) for k in value_keys), row.defense, len(row.done), row.state,
+        implanted = row.implanted(rows)
+        raw.append([*(row.values.get(k) for k in value_keys), row.defense, len(row.done), row.state, implanted,
                     *(x for k in METRICS for x in stats[k]), drop, reduction, cost["wall_seconds"],
                     cost["device_hours"], unit, cost["images_per_second"], cost["peak_host_rss_mib"],
                     cost["peak_gpu_memory_mib"]])
@@ -178,6 +191,7 @@ def table_rows(rows: list[Row], keys: list[str]) -> tuple[list[str], list[list],
         share = stats["poisoned_share"]
         shown.append([*(str(row.values.get(k)) for k in value_keys), str(row.defense),
                       f"{len(row.done)}/{len(row.cells)}", row.state if row.state == "done" else f"**{row.state}**",
+                      {True: "yes", False: "**no**", None: "-"}[implanted],
                       _fmt(*stats["BA"]), _fmt(*stats["ASR"]), _fmt(*stats["RA"]),
                       "-" if share[0] is None else _fmt(*share) + "%", num(drop), num(reduction),
                       "-" if cost["wall_seconds"] is None else fmt_time(cost["wall_seconds"]),
@@ -214,7 +228,7 @@ def build_leaderboard(sweep: str | Path) -> str:
     write_text(sweep / "leaderboard.csv", buf.getvalue())
 
     value_keys = [k for k in keys if k not in ("seed", "defense")]
-    cols = [*value_keys, "defense", "seeds", "status", "BA", "ASR", "RA", "poisoned share", "BA drop",
+    cols = [*value_keys, "defense", "seeds", "status", "implanted", "BA", "ASR", "RA", "poisoned share", "BA drop",
             "ASR reduction", "wall time", "device-hours", "images/s", "peak RSS (MiB)", "peak GPU (MiB)"]
     table = "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
                       + ["| " + " | ".join(r) + " |" for r in shown])
@@ -225,8 +239,10 @@ def build_leaderboard(sweep: str | Path) -> str:
              "BA: clean test accuracy; ASR: attack success rate; RA: robust accuracy (triggered images classified "
              "as their true class); poisoned share: poisoned images in the split's labelled part at the last "
              "epoch. All in percent, mean ± sample std over the finished seeds. BA drop and ASR reduction: "
-             "the no-defense row of the same values minus this row. Cost columns: per cell (mean over seeds), "
-             "every stage the result used counted, shared ones included.", "",
+             "the no-defense row of the same values minus this row. Implanted: whether the no-defense ASR "
+             "reached attack.implant_threshold on every seed; where it did not, a defense's low ASR says "
+             "nothing about the defense. Cost columns: per cell (mean over seeds), every stage the result "
+             "used counted, shared ones included.", "",
              table, ""]
     lines += _totals(cells)
     errors = [e for r in rows for e in r.errors]

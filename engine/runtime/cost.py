@@ -118,6 +118,11 @@ class CostMeter:
             torch.cuda.reset_peak_memory_stats(self.dist.device)
         return self
 
+    def close(self) -> None:
+        """Stop the RSS sampler (idempotent; ``finish`` has read it by then)."""
+        if self.sampler.is_alive():
+            self.sampler.stop()
+
     def elapsed(self) -> tuple[float, float]:
         """(wall seconds, this process's CPU seconds) since start: what a checkpoint carries."""
         return time.perf_counter() - self.t0, _cpu_seconds() - self.cpu0

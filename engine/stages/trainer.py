@@ -75,8 +75,15 @@ class Trainer:
             env.stage_dir.mkdir(parents=True, exist_ok=True)
             print(f"[{env.name}] starting", flush=True)
         launch.barrier()
-        t0 = time.time()
         self.meter = CostMeter(dist).start()
+        try:
+            return self._build_fit_save(time.time())
+        finally:
+            self.meter.close()  # stops its sampler thread, also when the stage failed
+
+    def _build_fit_save(self, t0: float) -> dict:
+        env, stage = self.env, self.stage
+        dist = env.dist
         # The same initial weights on every rank and under every launcher.
         torch.manual_seed(env.seed)
         stage.build()

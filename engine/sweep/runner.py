@@ -20,6 +20,7 @@ in a collective until ``distributed.timeout_s`` ends the job, and the rerun resu
 """
 from __future__ import annotations
 
+import gc
 import json
 import time
 import traceback
@@ -134,6 +135,7 @@ def run_sweep(grid: Grid, out: Path) -> int:
                 write_index(out, index)
                 print(f"{label}: {'FAILED: ' + error if error else 'done'}", flush=True)
             failed += error is not None
+            gc.collect()  # the cell's loaders, models and optimizer state, before the next cell builds its own
         if dist.is_main:
             from engine.report.leaderboard import build_leaderboard
 

@@ -52,6 +52,8 @@ def sweep(tmp_path):
                 write_stage(store / f"finetune-{seed}", "finetune", True, "dbd", cost(200.0, 0.1), **m)
                 (run / "finetune").symlink_to(store / f"finetune-{seed}")
                 (run / "summary.json").write_text(json.dumps({"finetune": {"split": SPLIT[seed]}}))
+            if defense == "none":
+                (run / "summary.json").write_text(json.dumps({"attack_implanted": True}))
             cells.append({"name": name, "values": {"attack.name": "badnets", "defense": defense, "seed": seed},
                           "defense": defense, "stages": stages, "run_dir": f"cells/{name}", "status": "done"})
     cells.append({"name": "attack.name-wanet__defense-dbd__seed-0", "defense": "dbd", "stages": ["pretrain"],
@@ -84,7 +86,8 @@ def test_leaderboard_numbers(sweep):
     assert rows[("wanet", "dbd")]["status"] == "1 failed" and rows[("wanet", "dbd")]["BA"] == ""
     assert rows[("wanet", "none")]["status"] == "1 not run"
     md = (sweep / "leaderboard.md").read_text()
-    assert "| badnets | dbd | 3/3 | done | 96.00 ± 1.00 | 1.00 ± 1.00 |" in md
+    assert dbd["implanted"] == none["implanted"] == "True" and rows[("wanet", "dbd")]["implanted"] == ""
+    assert "| badnets | dbd | 3/3 | done | yes | 96.00 ± 1.00 | 1.00 ± 1.00 |" in md
     assert "- attack.name-wanet__defense-dbd__seed-0: finetune: out of memory" in md
     # The sweep's own total: 3 baselines, 1 shared SimCLR, 3 fine-tunings = 300+300+600 s and
     # 3 x 0.05 + 0.2 + 3 x 0.1 core-hours.
