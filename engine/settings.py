@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -270,22 +270,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: {}); one clear error for a missing
+    file, bad YAML or another top-level type. ``what`` names the file in the errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{what} {path} must hold a mapping at the top level")
+    return loaded
+
+
 def load_raw(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The YAML file (if any) as a mapping, with ``dotted.key=value`` overrides applied."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must hold a mapping at the top level")
-        raw = loaded
+    raw: dict[str, Any] = read_yaml_mapping(path, "config file") if path is not None else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

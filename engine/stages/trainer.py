@@ -69,8 +69,7 @@ class Trainer:
     # ------------------------------------------------------------------ the whole stage
     def run(self) -> dict:
         """Build, train (resuming), evaluate, save; returns what ``done.json`` holds."""
-        env, stage = self.env, self.stage
-        dist = env.dist
+        env, dist = self.env, self.env.dist
         if dist.is_main:
             env.stage_dir.mkdir(parents=True, exist_ok=True)
             print(f"[{env.name}] starting", flush=True)

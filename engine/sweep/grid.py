@@ -141,16 +141,10 @@ def cell_names(axes: dict[str, list], combos: list[tuple]) -> list[str]:
 def load_grid(path: str | Path) -> Grid:
     """The grid file, every cell's config loaded and validated (nothing runs)."""
     from engine.config import load_config
+    from engine.settings import read_yaml_mapping
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"grid file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise _fail(path, f"not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise _fail(path, "must hold a mapping with base, overrides and grid")
+    raw = read_yaml_mapping(path, "grid file")
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
         raise _fail(path, f"unknown top-level key {unknown[0]!r}: known keys are {', '.join(TOP_KEYS)}")

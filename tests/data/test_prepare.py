@@ -141,13 +141,14 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True)
 
 
-def test_cli_prepare_then_inspect(tmp_path):
+def test_cli_prepare_then_inspect(tmp_path, capsys):
+    from engine.cli import main
+
     folder, _, labels = write_cifar_folder(tmp_path / "src")
     r = run_cli("prepare", "cifar10", "--source", str(folder), "--out", str(tmp_path / "d"), "--no-progress")
     assert r.returncode == 0, r.stderr
-    r = run_cli("inspect", str(tmp_path / "d" / "train.beton"), "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    assert main(["inspect", str(tmp_path / "d" / "train.beton"), "--json"]) == 0  # in process: 7 s of imports less
+    out = json.loads(capsys.readouterr().out)
     assert out["num_samples"] == 60
     expect = np.bincount(labels[:60], minlength=10)
     assert {int(k): v for k, v in out["label_histogram"].items()} == {c: int(n) for c, n in enumerate(expect) if n}
@@ -156,14 +157,18 @@ def test_cli_prepare_then_inspect(tmp_path):
 
 
 @pytest.mark.parametrize("cut", [10, 0.5, -7])
-def test_inspect_corrupt_beton(tmp_path, digits_root, cut):
+def test_inspect_corrupt_beton(tmp_path, digits_root, cut, capsys):
+    # The CLI's own entry point in process (a subprocess per case costs 7 s of imports;
+    # test_cli_missing_source_one_line_error checks the process boundary).
+    from engine.cli import main
+
     blob = (digits_root / "train.beton").read_bytes()
     bad = tmp_path / "bad.beton"
     bad.write_bytes(blob[:cut] if isinstance(cut, int) and cut > 0 else blob[: int(len(blob) * cut)] if isinstance(cut, float) else blob[:cut])
-    r = run_cli("inspect", str(bad))
-    assert r.returncode == 2
-    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_cli_missing_source_one_line_error(tmp_path):

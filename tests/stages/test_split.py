@@ -2,7 +2,6 @@
 in one process and in two real (gloo) processes."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
