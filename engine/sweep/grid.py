@@ -87,11 +87,6 @@ class Cell:
     defense: str | None  # None when the grid has no ``defense`` key
     config: Any  # the resolved Config (run_dir and stage_store still the base's)
 
-    @property
-    def seedless(self) -> tuple:
-        """What identifies the cell's row in a leaderboard: every value but the seed."""
-        return tuple((k, v) for k, v in self.values.items() if k != "seed")
-
 
 @dataclass
 class Grid:

@@ -30,7 +30,7 @@ def test_cells_names_and_stages(tmp_path):
     assert c.config.stages == ("pretrain", "linear", "finetune") and c.config.finetune.epsilon == 0.3
     assert c.config.seed == 1 and c.config.data.num_workers == 1 and c.config.attack.name == "badnets"
     assert g.cells[0].config.stages == ("supervised",)
-    assert c.seedless == (("attack.name", "badnets"), ("finetune.epsilon", 0.3), ("defense", "dbd"))
+    assert c.values == {"attack.name": "badnets", "finetune.epsilon": 0.3, "defense": "dbd", "seed": 1}
 
 
 def test_defense_stages():
