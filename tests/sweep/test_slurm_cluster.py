@@ -52,11 +52,15 @@ def cluster(tmp_path_factory):
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
     sock = tmp / "munge" / "munge.socket"
+    ports = {free_port()}
+    while len(ports) < 2:
+        ports.add(free_port())
+    ctld_port, slurmd_port = sorted(ports)
     conf = tmp / "slurm.conf"
     conf.write_text(f"""ClusterName=dbdtest
 SlurmctldHost={host}
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
