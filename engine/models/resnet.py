@@ -7,6 +7,27 @@ from torch import nn
 from engine.errors import UserError
 
 
+# oneDNN's AVX2 kernel for the weight gradient of a 1x1, stride-2, channels_last
+# convolution with fewer than 8 input channels hangs or segfaults (torch 2.14.1 on an AMD
+# EPYC Zen 3, which has AVX2 and no AVX-512; the AVX-512 kernel is fine). Only narrow nets
+# have such a shortcut (cifar_resnet18 with model.width < 8, as the tests use), and its
+# weights are tiny, so on CPU that one convolution runs in NCHW instead.
+ONEDNN_NARROW_1X1_CHANNELS = 8
+
+
+class ProjectionShortcut(nn.Conv2d):
+    """The 1x1 strided convolution of a ResNet shortcut (state_dict as nn.Conv2d's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self.in_channels < ONEDNN_NARROW_1X1_CHANNELS and self.stride != (1, 1):
+            # Both operands NCHW: a channels_last weight alone makes PyTorch pick the NHWC
+            # kernel, and .contiguous() keeps a 1x1 weight's channels_last strides (it
+            # counts as contiguous already), so the weight is cloned with NCHW strides.
+            weight = self.weight.clone(memory_format=torch.contiguous_format)
+            return self._conv_forward(x.contiguous(), weight, self.bias)
+        return super().forward(x)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -18,7 +39,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(ProjectionShortcut(in_planes, planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
