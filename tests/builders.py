@@ -139,3 +139,76 @@ def write_color_cifar(root: Path, n_per_batch: int = 40, seed: int = 0):
         with open(folder / name, "wb") as f:
             pickle.dump(d, f, protocol=2)
     return folder
+
+
+def write_cifar100_folder(root: Path, n_train: int = 200, n_test: int = 40, seed: int = 0):
+    """A cifar-100-python folder in the real release's pickle layout (``train``, ``test``,
+    ``meta``; keys ``data``, ``fine_labels``, ``coarse_labels``, ``filenames``). Every fine
+    class appears in ``train`` (n_train >= 100). Returns (folder, {split: (images NHWC,
+    fine, coarse)}, fine names, coarse names)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    fine_names = [f"fine{i:02d}" for i in range(100)]
+    coarse_names = [f"coarse{i:02d}" for i in range(20)]
+    coarse_of = rng.permutation(np.arange(100) % 20)  # each fine class has one superclass
+    out = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = rng.permutation(np.arange(n) % 100)
+        x = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        coarse = coarse_of[fine]
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"filenames": [f"img_{i}.png".encode() for i in range(n)], b"batch_label": name.encode(),
+                         b"fine_labels": [int(v) for v in fine], b"coarse_labels": [int(v) for v in coarse],
+                         b"data": x}, f, protocol=2)
+        out[name] = (x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), fine, coarse)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [n.encode() for n in fine_names],
+                     b"coarse_label_names": [n.encode() for n in coarse_names]}, f, protocol=2)
+    return folder, out, fine_names, coarse_names
+
+
+TINY_WNIDS = ("n02124075", "n01443537", "n04067472")  # wnids.txt order, deliberately not sorted
+
+
+def write_tinyimagenet(root: Path, wnids=TINY_WNIDS, per_class: int = 4, per_class_val: int = 2,
+                       grey: int = 1) -> Path:
+    """A tiny-imagenet-200 folder in the release layout: wnids.txt, words.txt,
+    train/<wnid>/images/<wnid>_<n>.JPEG + <wnid>_boxes.txt, val/images/val_<k>.JPEG +
+    val/val_annotations.txt, an unlabelled test/images. Real JPEGs (64x64 photo crops),
+    the first ``grey`` of each class in greyscale, as some of the release's are."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(3)
+    photos = load_sample_images().images
+
+    def crop(k: int) -> np.ndarray:
+        img = photos[k % len(photos)]
+        t, l = int(rng.integers(0, img.shape[0] - 64)), int(rng.integers(0, img.shape[1] - 64))
+        return np.ascontiguousarray(img[t:t + 64, l:l + 64])
+
+    root.mkdir(parents=True)
+    (root / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids))
+    (root / "words.txt").write_text("n00001740\tentity\n" + "".join(f"{w}\tthing {i}, item {i}\n"
+                                                                     for i, w in enumerate(wnids)))
+    k = 0
+    for w in wnids:
+        d = root / "train" / w / "images"
+        d.mkdir(parents=True)
+        # Written out of numeric order (10 before 2) so the reader's order is tested.
+        for i in sorted(range(per_class), key=str):
+            img = Image.fromarray(crop(k)); k += 1
+            (img.convert("L") if i < grey else img).save(d / f"{w}_{i}.JPEG", quality=90)
+        (root / "train" / w / f"{w}_boxes.txt").write_text(
+            "".join(f"{w}_{i}.JPEG\t0\t0\t63\t63\n" for i in range(per_class)))
+    (root / "val" / "images").mkdir(parents=True)
+    lines = []
+    for j in range(per_class_val * len(wnids)):
+        w = wnids[(j * 2) % len(wnids)]
+        Image.fromarray(crop(k)).save(root / "val" / "images" / f"val_{j}.JPEG", quality=90); k += 1
+        lines.append(f"val_{j}.JPEG\t{w}\t0\t0\t63\t63\n")
+    (root / "val" / "val_annotations.txt").write_text("".join(lines))
+    (root / "test" / "images").mkdir(parents=True)
+    Image.fromarray(crop(k)).save(root / "test" / "images" / "test_0.JPEG")
+    return root

@@ -7,7 +7,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from engine.data.sources import READERS
 
     p.add_argument("dataset", choices=READERS, help="source format")
-    p.add_argument("--source", help="path to the dataset in its standard format (not needed for digits)")
+    p.add_argument("--source", help="path to the dataset in its standard format: cifar10/cifar100 the python folder or "
+                   ".tar.gz, tinyimagenet the tiny-imagenet-200 folder, ... (not needed for digits)")
     p.add_argument("--out", required=True, help="output folder for train.beton, test.beton, meta.json")
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.add_argument("--classes", dest="classes_file", help="imagefolder: file of class folder names to keep")

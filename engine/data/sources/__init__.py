@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from engine.data.sources.base import SourceDataset, SourceSplits
 
-READERS = ("cifar10", "gtsrb", "imagefolder", "digits")
+READERS = ("cifar10", "cifar100", "gtsrb", "tinyimagenet", "imagefolder", "digits")
 
 
 def read_source(name: str, source: str | None, **options) -> SourceSplits:
@@ -16,8 +16,12 @@ def read_source(name: str, source: str | None, **options) -> SourceSplits:
 
     if name == "cifar10":
         from engine.data.sources.cifar10 import read
+    elif name == "cifar100":
+        from engine.data.sources.cifar100 import read
     elif name == "gtsrb":
         from engine.data.sources.gtsrb import read
+    elif name == "tinyimagenet":
+        from engine.data.sources.tinyimagenet import read
     elif name == "imagefolder":
         from engine.data.sources.imagefolder import read
     elif name == "digits":
