@@ -96,20 +96,16 @@ def pin_torch_threads(n: int | None) -> int:
 
     FFCV sets torch's thread count to its loader thread count whenever a loader is built
     or an epoch starts, and DeepSpeed's CPU accelerator sets it to 1 at start-up, so an
-    explicit choice must survive both: FFCV's hook is narrowed to numba's threads.
-    ``None`` keeps the engine's behaviour. Returns the count in effect."""
+    explicit choice must survive both: FFCV's hook is narrowed to numba's threads by the
+    engine's own patch (engine.runtime.threads.neutralise_ffcv, which every engine loader
+    applies). ``None`` keeps the engine's behaviour. Returns the count in effect."""
     import torch
 
     if n is None:
         return torch.get_num_threads()
-    from ffcv.pipeline.compiler import Compiler
-    from numba import set_num_threads
+    from engine.runtime.threads import neutralise_ffcv
 
-    def numba_only(cls, k):
-        cls.num_threads = k = k if k >= 1 else (os.cpu_count() or 1)  # FFCV's own rule for k < 1
-        set_num_threads(k)
-
-    Compiler.set_num_threads = classmethod(numba_only)
+    neutralise_ffcv()
     torch.set_num_threads(n)
     return n
 

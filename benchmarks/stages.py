@@ -50,7 +50,7 @@ def open_run(cfg):
     from engine.runtime.launch import init_distributed, shutdown
 
     shutdown()  # DistInfo is cached per process: start from nothing
-    dist = init_distributed(cfg.device, cfg.distributed)
+    dist = init_distributed(cfg.device, cfg.distributed, cfg.runtime)
     meta = DatasetMeta.from_raw(load_meta(cfg.data.root))
     return dist, RunData(cfg.data, meta, dist, cfg.seed, build_poison(cfg, meta.raw, None))
 

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from engine.attacks.config import AttackConfig
-from engine.settings import DataConfig, DistributedConfig, LoggingConfig, ModelConfig, check, from_dict, load_raw, set_dotted, to_dict
+from engine.settings import DataConfig, DistributedConfig, LoggingConfig, ModelConfig, RuntimeConfig, check, from_dict, load_raw, set_dotted, to_dict
 from engine.stages import STAGES, default_stages
 
 __all__ = ["Config", "load_config", "to_dict", "dump_yaml", "save_resolved"]
@@ -55,6 +55,7 @@ def _config_class() -> type:
     placed = sorted(STAGES.values(), key=lambda c: (c.default_position is None, c.default_position or 0, c.name))
     stages = [(c.name, c.config_class, field(default_factory=c.config_class)) for c in placed]
     tail = [("distributed", DistributedConfig, field(default_factory=DistributedConfig)),
+            ("runtime", RuntimeConfig, field(default_factory=RuntimeConfig)),
             ("logging", LoggingConfig, field(default_factory=LoggingConfig))]
     clash = {c.name for c in placed} & {n for n, _, _ in shared + tail}
     if clash:

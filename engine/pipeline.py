@@ -7,6 +7,12 @@ what the stage depends on, so runs that share a stage train it once
 (engine.stages.store). After the stages, rank 0 writes ``summary.json`` and
 ``report.md`` with plots.
 
+A complete stage is reused only when its files check out against the checksums its
+``done.json`` records (engine.stages.integrity), in a plain run dir as in a store: a
+damaged one is set aside into ``<stage>/.damaged-<time>/`` with one warning line and
+rerun from scratch. A stage folder that is a link into a store that was moved or
+deleted, in a run without ``stage_store``, is one clear error before any work.
+
 This module wires the run's components together and hands each only its own config
 section: the process group (``device``, ``distributed``), the attack (``attack``,
 ``data``), the data (``data``), and each stage (its section plus a typed StageEnv).
@@ -15,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 from engine.config import dump_yaml, save_resolved, to_dict
 from engine.data.prepare import load_meta
@@ -26,6 +34,7 @@ from engine.report.metrics import MetricsWriter
 from engine.runtime.precision import Precision
 from engine.stages import StageEnv, stage_class
 from engine.rundir import DONE, METRICS
+from engine.stages.integrity import check_finished
 from engine.stages.store import StageStore
 from engine.stages.trainer import Trainer
 
@@ -83,9 +92,11 @@ def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
         stage_class(name)
     run_dir = Path(cfg.run_dir)
     owns_group = current() is None
-    dist = init_distributed(cfg.device, cfg.distributed)
+    dist = init_distributed(cfg.device, cfg.distributed, cfg.runtime)
     try:
         preflight(cfg, dist.world_size, names)  # batch divisibility, DeepSpeed config: before any work
+        if not cfg.stage_store:
+            _check_links(run_dir, names, dist)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             _record_config(cfg, run_dir)
@@ -95,12 +106,13 @@ def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
         store = None
         if cfg.stage_store:
             store = StageStore(cfg.stage_store, to_dict(cfg), dataset_hash=meta.content_hash or str(
-                Path(cfg.data.root).resolve()), world_size=dist.world_size)
+                Path(cfg.data.root).resolve()), world_size=dist.world_size,
+                device_type=dist.device.type)
         results = {}
         for name in names:
-            with store.attach(name, run_dir, dist) if store else contextlib.nullcontext():
+            with store.attach(name, run_dir, dist) if store else _own_folder(name, run_dir, dist) as complete:
                 done = run_dir / name / DONE
-                if done.is_file():
+                if complete:
                     if dist.is_main:
                         if store is None:
                             print(f"[{name}] complete, skipped ({done})", flush=True)
@@ -122,6 +134,39 @@ def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
     finally:
         if owns_group:
             shutdown()
+
+
+@contextlib.contextmanager
+def _own_folder(name: str, run_dir: Path, dist) -> Iterator[bool]:
+    """A run dir's own stage folder (no store): yields whether the stage is complete and
+    intact, rank 0's verdict for every rank; a damaged one is set aside to be rerun."""
+    folder = run_dir / name
+    complete, problem = False, ""
+    if dist.is_main:
+        try:
+            complete = check_finished(name, folder, f"stage folder {folder}")
+        except OSError as e:
+            problem = f"stage {name!r}: {folder} is damaged and could not be set aside: {e}"
+    if not dist.all_true(not problem):
+        raise UserError(problem or f"stage {name!r}: rank 0 could not check {folder}")
+    yield dist.all_true(complete or not dist.is_main)
+
+
+def _check_links(run_dir: Path, names: tuple[str, ...], dist) -> None:
+    """Without ``stage_store``, a stage folder that is a link to nowhere (the run used a
+    store that was moved or deleted since) is one clear error on every rank, before any
+    work, instead of an OSError when the stage starts writing into it."""
+    problem = ""
+    if dist.is_main:
+        for name in names:
+            link = run_dir / name
+            if link.is_symlink() and not link.exists():
+                problem = (f"stage {name!r}: {link} links to {os.readlink(link)}, which does not exist (the stage "
+                           f"store this run used was moved or deleted): set stage_store to the store's folder, "
+                           f"or delete the link to train the stage in this run dir")
+                break
+    if not dist.all_true(not problem):
+        raise UserError(problem or f"rank 0 found a stage folder of {run_dir} that links to nowhere")
 
 
 def _record_config(cfg, run_dir: Path) -> None:

@@ -31,7 +31,10 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 class DataConfig:
     name: str = "cifar10"  # must equal the dataset name in ``<root>/meta.json``
     root: str = ""  # folder written by ``dbd prepare`` (train.beton, test.beton, meta.json)
-    num_workers: int = 2  # FFCV decoding threads per process
+    # FFCV decoding threads per process, capped at the cores per local rank (the cores
+    # this process may run on divided by the ranks on its node); they never change torch's
+    # threads (runtime.threads), so this setting changes only speed, never results.
+    num_workers: int = 2
     image_size: int = 32  # training resolution of every view
     # Fixed size that variable-size (JPEG) datasets are decoded to before the views are
     # cut on the device; 0 means image_size (fixed-size raw datasets ignore it).
@@ -173,6 +176,21 @@ class DistributedConfig:
         check(self.timeout_s >= 10, "distributed.timeout_s", "must be >= 10")
         check(self.grad_clip >= 0, "distributed.grad_clip", "must be >= 0 (0 = off)")
         check(self.checkpoint_every >= 0, "distributed.checkpoint_every", "must be >= 0")
+
+
+@dataclass
+class RuntimeConfig:
+    # torch's intra-op (CPU) threads in every process, set once by the engine when the
+    # process group exists (engine.runtime.threads); FFCV no longer changes them, so
+    # data.num_workers changes only speed. 0 = the cores this process may run on
+    # (os.sched_getaffinity) divided by the ranks on its node, at least 1: ranks never
+    # oversubscribe the node. On a CPU the count changes float rounding, so results are
+    # reproducible for a fixed count; every stage's done.json records it (cost.torch_threads).
+    # Inter-op threads are left to torch (they can be set only once per process).
+    threads: int = 0
+
+    def validate(self) -> None:
+        check(self.threads >= 0, "runtime.threads", f"must be >= 0 (0 = cores per local rank), got {self.threads}")
 
 
 @dataclass

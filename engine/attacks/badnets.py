@@ -29,6 +29,12 @@ class BadNetsConfig:
     # own place (bottom_right for a file).
     position: str = ""
 
+    @staticmethod
+    def input_files(section: dict, run_dir: str) -> dict[str, str]:
+        """The files this section makes a run read (the stage-store key hashes their
+        content, not their path): the pattern, unless it names a preset."""
+        return {"pattern": section["pattern"]} if section["pattern"] not in PRESETS else {}
+
     def validate(self) -> None:
         check(self.pattern_size >= 1, "attack.badnets.pattern_size", "must be >= 1")
 

@@ -30,6 +30,12 @@ class BlendedConfig:
     pattern_seed: int = 0
     resample: str = "bicubic"  # PIL filter resizing an image pattern: bicubic (DBD) | bilinear (BackdoorBench) | nearest
 
+    @staticmethod
+    def input_files(section: dict, run_dir: str) -> dict[str, str]:
+        """The files this section makes a run read (the stage-store key hashes their
+        content, not their path): the pattern image, unless it is ``noise``."""
+        return {"pattern": section["pattern"]} if section["pattern"] != "noise" else {}
+
     def validate(self) -> None:
         check(0.0 <= self.alpha <= 1.0, "attack.blended.alpha", f"must be in [0, 1], got {self.alpha}")
         check(self.resample in RESAMPLE, "attack.blended.resample",

@@ -46,6 +46,17 @@ class LabelConsistentConfig:
     train_lr: float = 0.0
     batch_size: int = 128
 
+    @staticmethod
+    def input_files(section: dict, run_dir: str) -> dict[str, str]:
+        """The files this section makes a run read (the stage-store key hashes their
+        content, not their path): the perturbation cache and its side file (in the run
+        dir when ``perturbations`` is empty), and the surrogate checkpoint if named."""
+        npy = Path(section["perturbations"] or Path(run_dir) / "lc_perturbations.npy")
+        files = {"perturbations": str(npy), "perturbations_index": str(npy.with_suffix(".json"))}
+        if section["model"]:
+            files["model"] = section["model"]
+        return files
+
     def validate(self) -> None:
         check(self.steps >= 1, "attack.label_consistent.steps", "must be >= 1")
         check(0 < self.eps <= 1, "attack.label_consistent.eps", "must be in (0, 1]")

@@ -27,6 +27,8 @@ def main(args: argparse.Namespace) -> int:
 
         sbatch, submit = write_slurm(grid, out)
         print(f"wrote {sbatch} and {submit} for {len(grid.cells)} cells; submit with: bash {submit}")
+        print(f"each task records its cell in {out}/cells/<name>/status.json; `dbd leaderboard {out}` "
+              "gathers them into cells.json and the leaderboard")
         return 0
     from engine.sweep.runner import run_sweep
 

@@ -70,24 +70,13 @@ def crop_ratio(train: bool) -> float:
     return 1.0 if train else EVAL_CROP_RATIO
 
 
-_warned_threads: set[tuple[int, int]] = set()
-
-
 def usable_threads(requested: int, what: str = "data.num_workers") -> int:
-    """``requested`` capped at the cores this process may run on (FFCV refuses more
-    threads than cores), with one warning line per distinct cap."""
-    import os
+    """``requested`` capped at this process's share of the cores: the cores it may run
+    on divided by the ranks on its node (FFCV refuses more threads than cores; more than
+    the share oversubscribes the node), with one warning line per distinct cap."""
+    from engine.runtime.threads import ffcv_workers
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    if requested <= cores:
-        return requested
-    if (requested, cores) not in _warned_threads:
-        _warned_threads.add((requested, cores))
-        print(f"warning: {what}={requested} but only {cores} cores are available: using {cores}", flush=True)
-    return cores
+    return ffcv_workers(requested, what)
 
 
 def beton_path(root: str | Path, split: str) -> Path:
@@ -95,7 +84,14 @@ def beton_path(root: str | Path, split: str) -> Path:
 
 
 def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
-    """Build an FFCV ``Loader`` yielding ``(images uint8 NHWC, labels int64, indices int64)``."""
+    """Build an FFCV ``Loader`` yielding ``(images uint8 NHWC, labels int64, indices int64)``.
+
+    FFCV's loaders set torch's thread count to their worker count (when built and at
+    every epoch); the engine narrows that to numba's decoding threads first, so torch
+    keeps the engine's ``runtime.threads`` (engine.runtime.threads)."""
+    from engine.runtime.threads import neutralise_ffcv
+
+    neutralise_ffcv()
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader

@@ -1,8 +1,10 @@
 """``dbd leaderboard SWEEP_DIR``: one row per cell of a sweep, over its seeds, with the cost.
 
-Inputs are the sweep's ``cells.json`` and each cell's run dir (its stages' ``done.json``
-and ``summary.json``), so the table can be rebuilt at any time, also while a sweep runs
-or after a ``--slurm`` sweep. A row groups the cells whose values differ only in
+Inputs are the sweep's ``cells.json``, each cell's ``status.json`` (merged into
+``cells.json`` first, which is rewritten when they tell it something new: a ``--slurm``
+sweep's tasks write only those) and each cell's run dir (its stages' ``done.json`` and
+``summary.json``), so the table can be rebuilt at any time, also while a sweep runs or
+after a ``--slurm`` sweep. A row groups the cells whose values differ only in
 ``seed``: BA, ASR, RA and the split's poisoned share (last epoch) are mean ± sample std
 over the finished seeds, with their count. The cost columns are per cell (mean over its
 seeds) and count every stage the cell's result used, shared ones included: what the
@@ -10,10 +12,12 @@ number cost to produce alone. The sweep's own total, under the table, counts eac
 shared stage once. BA drop and ASR reduction compare a defense's row with the row of
 the same values under ``defense: none``.
 
-Failed or unfinished cells are shown as such, never left out. Outputs:
-``leaderboard.md``, ``leaderboard.csv`` and ``plots/leaderboard_ba_asr.png`` (BA against
-ASR, an arrow from each no-defense row to its defended row) and
-``plots/leaderboard_cost.png`` (wall time and device-hours per row).
+Failed or unfinished cells are shown as such, never left out: in the status column,
+with their errors (the CSV's ``errors`` column, the markdown's failed-cells list) and
+in both plots (a red x, a hatched placeholder bar). Outputs: ``leaderboard.md``,
+``leaderboard.csv`` and ``plots/leaderboard_ba_asr.png`` (BA against ASR, an arrow from
+each no-defense row to its defended row) and ``plots/leaderboard_cost.png`` (wall time
+and device-hours per row).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import io
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +45,10 @@ class CellResult:
     defense: str | None
     status: str  # done | failed | unfinished | not run
     error: str | None = None
+    traceback: str | None = None  # the failure's traceback file, relative to the sweep folder
+    started: float | None = None  # when its first attempt started (status.json)
+    host: str | None = None  # where its last attempt ran
+    job: str | None = None  # the Slurm job of its last attempt (``<array job>_<task>``)
     metrics: dict = field(default_factory=dict)  # BA, ASR, RA, poisoned_share (None where it does not apply)
     implanted: bool | None = None  # a no-defense cell's verdict (engine.report.implant), None otherwise
     cost: dict = field(default_factory=dict)  # engine.report.build.total_cost over the cell's stages
@@ -65,7 +74,8 @@ def read_cell(sweep: Path, entry: dict) -> CellResult:
     else:
         state = "not run"
     result = CellResult(name=entry["name"], values=dict(entry.get("values") or {}), defense=entry.get("defense"),
-                        status=state, error=entry.get("error"))
+                        status=state, error=entry.get("error"), traceback=entry.get("traceback"),
+                        started=entry.get("started"), host=entry.get("host"), job=entry.get("job"))
     result.stage_dirs = {s: os.path.realpath(run_dir / s) for s in dones}
     if state != "done":
         return result
@@ -130,8 +140,13 @@ class Row:
         return all(verdicts)
 
     @property
+    def failed(self) -> list[CellResult]:
+        return [c for c in self.cells if c.status == "failed"]
+
+    @property
     def errors(self) -> list[str]:
-        return [f"{c.name}: {c.error}" for c in self.cells if c.status == "failed" and c.error]
+        return [f"{c.name}: {c.error}" + (f" (traceback: `{c.traceback}`)" if c.traceback else "")
+                for c in self.failed if c.error]
 
 
 def group_rows(cells: list[CellResult]) -> list[Row]:
@@ -172,7 +187,7 @@ def table_rows(rows: list[Row], keys: list[str]) -> tuple[list[str], list[list],
     value_keys = [k for k in keys if k not in ("seed", "defense")]
     header = [*value_keys, "defense", "seeds", "status", "implanted", "BA", "BA_std", "ASR", "ASR_std", "RA", "RA_std",
               "poisoned_share", "poisoned_share_std", "BA_drop", "ASR_reduction", "wall_seconds", "device_hours",
-              "device_hours_unit", "images_per_second", "peak_host_rss_mib", "peak_gpu_memory_mib"]
+              "device_hours_unit", "images_per_second", "peak_host_rss_mib", "peak_gpu_memory_mib", "errors"]
     raw, shown = [], []
     for row in rows:
         stats = {k: row.stat(k) for k in METRICS}
@@ -186,7 +201,7 @@ def table_rows(rows: list[Row], keys: list[str]) -> tuple[list[str], list[list],
         raw.append([*(row.values.get(k) for k in value_keys), row.defense, len(row.done), row.state, implanted,
                     *(x for k in METRICS for x in stats[k]), drop, reduction, cost["wall_seconds"],
                     cost["device_hours"], unit, cost["images_per_second"], cost["peak_host_rss_mib"],
-                    cost["peak_gpu_memory_mib"]])
+                    cost["peak_gpu_memory_mib"], "; ".join(row.errors) or None])
         num = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
         share = stats["poisoned_share"]
         shown.append([*(str(row.values.get(k)) for k in value_keys), str(row.defense),
@@ -205,14 +220,24 @@ def _unit_short(unit: str) -> str:
     return {"GPU-hours": "GPU-h", "CPU core-hours": "core-h"}.get(unit, unit)
 
 
-def build_leaderboard(sweep: str | Path) -> str:
-    """Write leaderboard.md, leaderboard.csv and the plots; return the markdown table."""
-    sweep = Path(sweep)
+def _read_index(sweep: Path) -> dict:
     path = sweep / SWEEP_INDEX
+    if not path.is_file():
+        return {}
     try:
-        index = json.loads(path.read_text()) if path.is_file() else {}
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
+        raise UserError(f"{path} is not valid JSON ({e}): fix or remove it") from None
+
+
+def build_leaderboard(sweep: str | Path) -> str:
+    """Write leaderboard.md, leaderboard.csv and the plots; return the markdown table.
+
+    Reads ``cells.json`` as it is: ``dbd leaderboard`` first merges the cells' status
+    files into it (engine.sweep.runner.refresh_index), so a ``--slurm`` sweep's tasks
+    show their real statuses."""
+    sweep = Path(sweep)
+    index = _read_index(sweep)
     if not index.get("cells"):
         raise UserError(f"{sweep} is not a sweep folder: no {SWEEP_INDEX} with cells "
                         f"(run `dbd sweep GRID --out {sweep}`)")
@@ -232,7 +257,7 @@ def build_leaderboard(sweep: str | Path) -> str:
             "ASR reduction", "wall time", "device-hours", "images/s", "peak RSS (MiB)", "peak GPU (MiB)"]
     table = "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
                       + ["| " + " | ".join(r) + " |" for r in shown])
-    plots = _plots(sweep, rows, value_keys)
+    plots = [d["path"] for d in leaderboard_plots(sweep, rows, value_keys).values()]
     lines = [f"# Leaderboard: {sweep.name}", "",
              f"Grid `{index.get('grid')}` on base config `{index.get('base')}`: {len(cells)} cells, "
              f"{sum(c.status == 'done' for c in cells)} done.", "",
@@ -248,6 +273,12 @@ def build_leaderboard(sweep: str | Path) -> str:
     errors = [e for r in rows for e in r.errors]
     if errors:
         lines += ["## Failed cells", ""] + [f"- {e}" for e in errors] + [""]
+    unfinished = [c for c in cells if c.status == "unfinished"]
+    if unfinished:
+        lines += ["## Unfinished cells", "",
+                  "Started but without a result: still running, or killed (a time limit, a node failure) "
+                  "before it could record one. Rerun the sweep (or resubmit) to finish them.", ""]
+        lines += [f"- {c.name}" + _where(c) for c in unfinished] + [""]
     env = next((c for c in cells if c.cost), None)
     if env is not None:
         lines += [_measured_on(sweep, env), ""]
@@ -288,59 +319,53 @@ def _measured_on(sweep: Path, cell: CellResult) -> str:
     return ""
 
 
-def _plots(sweep: Path, rows: list[Row], value_keys: list[str]) -> list[Path]:
-    import matplotlib
+def _where(c: CellResult) -> str:
+    parts = []
+    if c.started:
+        parts.append("started " + time.strftime("%Y-%m-%d %H:%M", time.localtime(c.started)))
+    if c.host:
+        parts.append(f"on {c.host}")
+    if c.job:
+        parts.append(f"Slurm job {c.job}")
+    return f": {' '.join(parts)}" if parts else ""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    from engine.fsutil import atomic_path
+def leaderboard_plots(sweep: Path, rows: list[Row], value_keys: list[str]) -> dict[str, dict]:
+    """The leaderboard's plots (engine.report.plots), failed rows marked in both: plot
+    name -> {path, rows, failed}, as read back from the figures."""
+    from engine.report.plots import plot_leaderboard_ba_asr, plot_leaderboard_cost
 
     done = [r for r in rows if r.done and r.stat("BA")[0] is not None]
-    if not done:
-        return []
+    failed = [r for r in rows if r.failed]
+    if not done and not failed:
+        return {}
     out = sweep / "plots"
-    out.mkdir(parents=True, exist_ok=True)
     label = lambda r: ", ".join(str(r.values[k]) for k in value_keys) or "base"  # noqa: E731
-    paths = []
+    drawn = {}
 
-    fig, ax = plt.subplots(figsize=(7, 5.5))
-    markers = {"none": "o"}
-    for r in done:
-        ba, asr = r.stat("BA")[0], r.stat("ASR")[0]
-        ax.scatter(asr, ba, marker=markers.get(r.defense, "^"), s=60,
-                   color="tab:red" if r.defense == "none" else "tab:blue", zorder=3)
-        ax.annotate(f"{label(r)} ({r.defense})", (asr, ba), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        base = baseline_of(r, rows)
-        if base is not None and base.done and base.stat("BA")[0] is not None:
-            ax.annotate("", xy=(asr, ba), xytext=(base.stat("ASR")[0], base.stat("BA")[0]),
-                        arrowprops=dict(arrowstyle="->", color="gray", lw=1.2), zorder=2)
-    ax.set_xlabel("ASR (%)")
-    ax.set_ylabel("BA (%)")
-    ax.set_xlim(-5, 105)
-    ax.set_title("BA against ASR per cell (red: no defense, blue: defense; arrow: no defense -> defense)",
-                 fontsize=9)
-    ax.grid(alpha=0.3)
-    path = out / "leaderboard_ba_asr.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(path)
+    def point(r: Row) -> tuple[float, float] | None:
+        ba = r.stat("BA")[0] if r.done else None
+        return None if ba is None else (r.stat("ASR")[0], ba)
+
+    points = []
+    shown = {id(r) for r in done + failed}
+    for r in rows:
+        if id(r) not in shown:
+            continue
+        own, base = point(r), baseline_of(r, rows)
+        points.append({"name": f"{label(r)} ({r.defense})", "defense": r.defense,
+                       "BA": own[1] if own else None, "ASR": own[0] if own else None,
+                       "baseline": point(base) if base is not None else None, "failed": len(r.failed)})
+    path, info = plot_leaderboard_ba_asr(points, out / "leaderboard_ba_asr.png")
+    drawn["ba_asr"] = {"path": path, **info}
 
     costed = [r for r in done if r.cost("wall_seconds") is not None]
-    if costed:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(costed) + 1.5), sharey=True)
-        names = [f"{label(r)} ({r.defense})" for r in costed]
-        axes[0].barh(names, [r.cost("wall_seconds") / 60 for r in costed], color="tab:gray")
-        axes[0].set_xlabel("wall time per cell (min)")
+    if costed or failed:
+        ids = {id(r) for r in costed}
+        bars = [{"name": f"{label(r)} ({r.defense})", "wall_seconds": r.cost("wall_seconds") if id(r) in ids else None,
+                 "device_hours": r.cost("device_hours"), "failed": len(r.failed)}
+                for r in rows if id(r) in ids or r.failed]
         unit = next((c.cost.get("device_hours_unit") for r in costed for c in r.done if c.cost), "device-hours")
-        axes[1].barh(names, [r.cost("device_hours") or 0.0 for r in costed], color="tab:green")
-        axes[1].set_xlabel(f"{unit} per cell")
-        for a in axes:
-            a.grid(axis="x", alpha=0.3)
-        path = out / "leaderboard_cost.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
-    return paths
+        path, info = plot_leaderboard_cost(bars, out / "leaderboard_cost.png", unit)
+        drawn["cost"] = {"path": path, **info}
+    return drawn

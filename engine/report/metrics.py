@@ -39,10 +39,34 @@ class MetricsWriter:
         record = {"time": round(time.time(), 3), "kind": kind, **self.context, **values}
         line = json.dumps(record, default=_json_default)
         for path in (self.path, self.also) if self.also is not None else (self.path,):
+            _end_torn_line(path)
             with open(path, "a") as f:
                 f.write(line + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+
+
+_checked: set[str] = set()
+
+
+def _end_torn_line(path: Path) -> None:
+    """Once per file and process: a kill in the middle of an append leaves a last line
+    without its newline; end it, so that the next record starts a line of its own
+    instead of being glued to the torn one (and lost with it)."""
+    key = str(path)
+    if key in _checked:
+        return
+    _checked.add(key)
+    try:
+        with open(path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    except FileNotFoundError:
+        pass
 
 
 def read_metrics(path: str | Path) -> list[dict]:

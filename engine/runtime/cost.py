@@ -5,7 +5,9 @@ process used (all its threads, from ``getrusage``), the peak resident set size s
 by a background thread (``ru_maxrss`` is a lifetime peak and cannot be reset between
 stages), and on CUDA the peak allocated GPU memory. ``finish`` reduces them over ranks
 (CPU time and GPU time summed, memory peaks maxed) and adds the facts that make a figure
-comparable: world size, device name, commit, and the torch / FFCV / DeepSpeed versions.
+comparable: world size, the CPU threads per rank (torch's intra-op count, which also
+changes CPU rounding, and FFCV's decoding threads), device name, commit, and the torch /
+FFCV / DeepSpeed versions.
 
 Device-hours are GPU-hours on CUDA (world size x wall time) and CPU core-hours on CPU:
 the CPU time the ranks consumed, summed, so an idle rank costs nothing and a rank that
@@ -23,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from engine.runtime.threads import ffcv_workers_used
 
 
 def _rss_bytes() -> int:
@@ -102,6 +106,11 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _over_ranks(hi: torch.Tensor, neg_lo: torch.Tensor) -> int | str:
+    hi, lo = int(hi), int(-neg_lo)
+    return hi if hi == lo else f"{lo}-{hi}"
+
+
 class CostMeter:
     """``meter = CostMeter(dist).start()`` ... ``meter.finish(images, carried)`` on every rank."""
 
@@ -137,7 +146,13 @@ class CostMeter:
         peak_gpu = torch.cuda.max_memory_allocated(self.dist.device) if self.cuda else 0
         d = self.dist
         summed = d.all_reduce_sum(torch.tensor([cpu], dtype=torch.float64))
-        peaks = torch.tensor([float(peak_rss), float(peak_gpu), wall], dtype=torch.float64)
+        # CPU threads this rank ran with at the end of the stage: torch's intra-op count
+        # (the engine's runtime.threads) and the FFCV decoding threads of its loaders;
+        # the max and (as -max of the negation) the min over ranks.
+        threads = float(torch.get_num_threads())
+        workers = float(ffcv_workers_used() or 0)
+        peaks = torch.tensor([float(peak_rss), float(peak_gpu), wall, threads, -threads, workers, -workers],
+                             dtype=torch.float64)
         if d.world_size > 1:
             # max as -sum(-x) would need a second collective type; all_reduce MAX is one.
             out = peaks.to(d.collective_device)
@@ -157,6 +172,10 @@ class CostMeter:
             "peak_gpu_memory_mib": round(float(peaks[1]) / 2**20, 1) if self.cuda else None,
             "world_size": d.world_size,
             "resumed_attempts_seconds": round(float(carried.get("wall_seconds", 0.0)), 2),
+            # Per rank; a "lo-hi" string where ranks differ. torch's count changes CPU
+            # rounding; FFCV's (None: no loader) changes only speed.
+            "torch_threads": _over_ranks(peaks[3], peaks[4]),
+            "ffcv_workers": _over_ranks(peaks[5], peaks[6]) or None,
         }
         index = d.device.index if self.cuda else None
         return {**record, **environment(d.device.type, index)}

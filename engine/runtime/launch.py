@@ -27,6 +27,7 @@ import torch
 from engine.errors import UserError
 from engine.runtime.device import (apply_cuda_settings, detect_launcher, gpu_index, int_var, local_layout,
                                    resolve_process_group)
+from engine.runtime.threads import configure as configure_threads
 
 
 @dataclass
@@ -200,11 +201,14 @@ def _pick_device(want: str, local_rank: int, local_world_size: int | None) -> to
     return torch.device("cuda", gpu_index(local_rank, local_world_size, torch.cuda.device_count()))
 
 
-def init_distributed(device: str, distributed) -> DistInfo:
-    """Detect the launcher, create the process group, pin the device. Idempotent.
+def init_distributed(device: str, distributed, runtime=None) -> DistInfo:
+    """Detect the launcher, create the process group, pin the device, set torch's CPU
+    threads. Idempotent: the first call of a process decides.
 
     ``device`` is the config's ``device`` (auto | cpu | cuda); ``distributed`` its
-    ``distributed`` section (backend, process group, timeout, CUDA tuning)."""
+    ``distributed`` section (backend, process group, timeout, CUDA tuning); ``runtime``
+    its ``runtime`` section (torch's intra-op threads; None: its defaults, the cores per
+    local rank)."""
     global _INFO
     if _INFO is not None:
         return _INFO
@@ -248,11 +252,15 @@ def init_distributed(device: str, distributed) -> DistInfo:
             store = torch.distributed.PrefixStore(f"/dbd/attempt_{attempt}", store)
             torch.distributed.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                                                  timeout=timeout, **kwargs)
+    # Once per process, with the group up: torch's intra-op threads (the engine's, not
+    # FFCV's; engine.runtime.threads), from the ranks on this node.
+    threads = configure_threads(runtime, env.local_world_size)
     _INFO = DistInfo(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, device=device,
                      backend=backend, launcher=env.launcher)
     if env.rank == 0 and env.world_size > 1:
         print(f"[dist] launcher={env.launcher} world_size={env.world_size} backend={backend} "
-              f"device={device.type} master={env.master_addr}:{env.master_port}", flush=True)
+              f"device={device.type} master={env.master_addr}:{env.master_port} "
+              f"torch_threads={threads} per rank ({env.local_world_size} ranks on this node)", flush=True)
     return _INFO
 
 

@@ -6,9 +6,10 @@ everywhere: the seed before the stage builds, resuming from the latest checkpoin
 checkpoints every ``distributed.checkpoint_every`` steps and at each epoch end, metrics
 records reduced over ranks, the progress bar on rank 0, evaluation after each epoch,
 the final model written atomically, the feature dump, and the stage's ``done.json``
-with its cost (wall time, images, device-hours, peak memory, where it ran:
-engine.runtime.cost; a resumed stage adds its earlier attempts' time up to their last
-checkpoint).
+with the size and sha256 of every file the stage wrote (engine.stages.integrity: a
+stage is verified before it is reused) and its cost (wall time, images,
+device-hours, peak memory, where it ran: engine.runtime.cost; a resumed stage adds
+its earlier attempts' time up to their last checkpoint).
 
 Resume is exact because every source of randomness is a function of the position:
 the loader order is a pure function of (seed, epoch, rank) and views are seeded from
@@ -36,6 +37,7 @@ from engine.runtime.cost import CostMeter
 from engine.stages.base import DONE, MODEL, Stage
 from engine.stages.evaluate import Evaluator
 from engine.stages.faults import FAULT_ENV, maybe_fault, parse_fault
+from engine.stages.integrity import FILES, record
 from engine.rundir import FEATURES
 from engine.stages.features import save_features
 
@@ -107,6 +109,8 @@ class Trainer:
                    "images_per_second": round(result.images_per_second, 1), "steps_per_epoch": stage.steps_per_epoch, "backend": stage.backend.name,
                    "precision": env.precision.name, **stage.summary(), "cost": cost}
         if dist.is_main:
+            # Every output is on disk (the barrier above): record what reuse must find intact.
+            summary[FILES] = record(env.stage_dir)
             write_json(env.stage_dir / DONE, summary)
             env.metrics.log("stage_done", **{k: v for k, v in summary.items() if _scalar(v)})
             print(f"[{env.name}] done in {summary['seconds']:.1f} s", flush=True)

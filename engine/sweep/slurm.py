@@ -3,7 +3,10 @@
 Writes into the sweep folder:
 
 - ``cells/<name>/cell.yaml``: each cell's resolved config (its run dir and the sweep's
-  stage store set), which its array task runs with ``srun ... python -m engine run``;
+  stage store set), which its array task runs with ``srun ... python -m engine run
+  --cell-status cells/<name>/status.json``: rank 0 records the cell's status there as a
+  local sweep does (engine.sweep.runner), and ``dbd leaderboard`` merges those files into
+  ``cells.json``, so a failed task shows as failed, with its error;
 - ``sweep.sbatch``: the array task (``#SBATCH`` lines from the grid's ``slurm``
   section), picking its cell by ``SLURM_ARRAY_TASK_ID``;
 - ``submit.sh``: submits the waves, each an array over its cells that starts after the
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from engine.errors import UserError
 from engine.fsutil import write_text
+from engine.rundir import CELL_STATUS
 from engine.sweep.grid import Grid
 from engine.sweep.runner import STORE, cell_config, index_for, prepare_folder, write_index
 
@@ -45,8 +49,10 @@ def stage_entries(grid: Grid, out: Path) -> list[list[str]]:
             raise UserError(f"cell {cell.name}: data.root is empty: set it in the grid's overrides")
         meta = load_meta(cfg.data.root)  # the dataset hash keys the shared stages
         world = grid.slurm.nodes * grid.slurm.tasks_per_node
+        # Where the tasks will train, not where this script is written (a login node).
+        device = cfg.device if cfg.device != "auto" else ("cuda" if grid.slurm.gpus_per_task else "cpu")
         store = StageStore(out / STORE, to_dict(cfg), dataset_hash=meta.get("content_hash") or str(
-            Path(cfg.data.root).resolve()), world_size=world)
+            Path(cfg.data.root).resolve()), world_size=world, device_type=device)
         entries.append([store.entry(s).name for s in cfg.stages])
     return entries
 
@@ -96,6 +102,8 @@ def write_slurm(grid: Grid, out: Path) -> tuple[Path, Path]:
 # One array task per cell of {grid.path}; submit.sh passes --array and the dependencies.
 # Each task is an ordinary `dbd run` of its cell's config on every rank of the allocation
 # (srun starts one process per task; engine.runtime.launch reads SLURM_* for the ranks).
+# Rank 0 records the cell's status (running, done, failed with its error) in
+# cells/<name>/{CELL_STATUS}; `dbd leaderboard {out}` merges those into cells.json.
 set -euo pipefail
 cd {shlex.quote(str(out))}
 CELLS=(
@@ -103,7 +111,7 @@ CELLS=(
 )
 CELL="${{CELLS[$SLURM_ARRAY_TASK_ID]}}"
 echo "cell $SLURM_ARRAY_TASK_ID: $CELL on $SLURM_JOB_NUM_NODES node(s)"
-srun --kill-on-bad-exit=1 {shlex.quote(python)} -m engine run "$CELL"
+srun --kill-on-bad-exit=1 {shlex.quote(python)} -m engine run "$CELL" --cell-status "${{CELL%/*}}/{CELL_STATUS}"
 """
     sbatch = out / "sweep.sbatch"
     write_text(sbatch, "\n".join(header) + "\n" + body)

@@ -155,7 +155,7 @@ def main(mode: str, out: Path) -> None:
         result["imports"] = import_all()
     # One process group for every stage built here (DeepSpeed keeps the first it sees).
     base = load_config(None, TINY + ["distributed.backend=deepspeed"] if mode == "deepspeed" else TINY)
-    dist = init_distributed(base.device, base.distributed)
+    dist = init_distributed(base.device, base.distributed, base.runtime)
     runs = {}
     cfg = load_config(None, TINY + [f"run_dir={work / 'ddp'}"])
     data = memory_data(cfg, dist)

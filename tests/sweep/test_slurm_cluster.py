@@ -1,13 +1,17 @@
 """``dbd sweep --slurm`` on a real Slurm: a one-node cluster on localhost (slurmctld, slurmd
 and munge from Debian, which ``make test`` installs), a two-cell array whose second cell
-reuses the first one's stage and so waits for it, submitted by the generated submit.sh.
+reuses the first one's stage and so waits for it, submitted by the generated submit.sh;
+and a cell that fails in its task, recorded failed (its status.json, then cells.json and
+the leaderboard through ``dbd leaderboard``).
 
 Skipped, with the reason, where the daemons are missing or cannot be started (not root,
 or no Debian packages)."""
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -155,3 +159,52 @@ def test_two_cell_array_for_real(cluster, tmp_path, color_root):
     # The second task found the stage finished: it reused it and trained nothing.
     second_log = next(p.read_text() for p in logs if "cell 1:" in p.read_text())
     assert "complete in the stage store" in second_log and "[supervised] starting" not in second_log, text
+    # Each task recorded its cell done; `dbd leaderboard` carries that into cells.json.
+    for cell in (first, second):
+        status = json.loads((cell / "status.json").read_text())
+        assert status["status"] == "done" and re.fullmatch(r"\d+_\d+", status["job"]), (status, text)
+    r = subprocess.run([sys.executable, "-m", "engine", "leaderboard", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    index = json.loads((out / "cells.json").read_text())
+    assert [c["status"] for c in index["cells"]] == ["done", "done"]
+
+
+def test_failed_cell_recorded_for_real(cluster, tmp_path, color_root):
+    """A cell whose task fails (attack.target 99 of 10 classes: the run's dataset check)
+    shows as failed, with its error, in its status.json, cells.json and the leaderboard."""
+    env, cluster_dir = cluster
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({**TINY, "logging": {"progress": False, "log_every": 1}}))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "base": str(base), "overrides": {"data.root": str(color_root)},
+        "grid": {"attack.target": [99], "defense": ["none"]},
+        "slurm": {"tasks_per_node": 1, "cpus_per_task": 1, "time": "00:05:00"},
+    }, sort_keys=False))
+    out = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "-m", "engine", "sweep", str(grid), "--slurm", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    sub = subprocess.run(["bash", str(out / "submit.sh")], env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+
+    def drained() -> bool:
+        q = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
+        return q.returncode == 0 and not q.stdout.strip()
+
+    _wait(drained, 300, "the array job to finish", cluster_dir / "slurmctld.log")
+    text = "\n".join(p.read_text()[-3000:] for p in (out / "slurm").glob("*.out"))
+    cell = out / "cells" / "attack.target-99__defense-none"
+    error = "config: attack.target 99 is outside the 10 classes of cifar10"
+    status = json.loads((cell / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"] == error, (status, text)
+    assert re.fullmatch(r"\d+_0", status["job"]) and (cell / "error.txt").is_file()
+    assert json.loads((out / "cells.json").read_text())["cells"][0]["status"] == "pending"  # until refreshed
+    r = subprocess.run([sys.executable, "-m", "engine", "leaderboard", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    entry = json.loads((out / "cells.json").read_text())["cells"][0]
+    assert entry["status"] == "failed" and entry["error"] == error and entry["job"] == status["job"]
+    assert f"- {cell.name}: {error}" in (out / "leaderboard.md").read_text()
+    row = next(csv.DictReader((out / "leaderboard.csv").open()))
+    assert row["status"] == "1 failed" and error in row["errors"]
