@@ -197,6 +197,10 @@ class RuntimeConfig:
 class LoggingConfig:
     progress: bool = True  # a progress bar with images/second, rank 0 only
     log_every: int = 10  # steps between metrics.jsonl step records
+    # Backbone features of a 1,000-image sample saved by each stage (features.npz) for the
+    # report's t-SNE map of where poisoned samples sit. The map costs seconds per stage on
+    # a CPU; a many-cell sweep that only needs its leaderboard can turn it off.
+    feature_map: bool = True
 
 
 

@@ -97,7 +97,7 @@ class Trainer:
         if dist.is_main:
             save_final_model(env.stage_dir / MODEL, stage.eval_module())
             stage.save_outputs(env.stage_dir)
-        backbone = stage.feature_backbone()
+        backbone = stage.feature_backbone() if self.logging.feature_map else None
         if backbone is not None:
             # The report's feature-space picture: where this backbone puts poisoned samples.
             save_features(env.data, env.precision, backbone, env.stage_dir / FEATURES)

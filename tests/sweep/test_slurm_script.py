@@ -21,6 +21,7 @@ import yaml
 
 from engine.config import load_config
 from engine.report.leaderboard import build_leaderboard
+from engine.sweep.runner import refresh_index
 from engine.sweep.grid import load_grid
 from engine.sweep.slurm import waves
 from tests.sweep.test_sweep_run import TINY
@@ -130,6 +131,7 @@ def test_array_tasks_record_their_cells(tmp_path, color_root):
     status = json.loads((ok / "status.json").read_text())
     assert status["status"] == "running" and status["job"] == "4242_0" and status["host"] == socket.gethostname()
     assert status["finished"] is None and status["started"] > 0
+    refresh_index(out)  # what `dbd leaderboard` does before the table
     build_leaderboard(out)
     md = (out / "leaderboard.md").read_text()
     assert "## Unfinished cells" in md and f"- {ok.name}: started " in md and "Slurm job 4242_0" in md

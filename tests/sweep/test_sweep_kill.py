@@ -47,7 +47,7 @@ TINY = {
     "finetune": {"epochs": 1, "iterations_per_epoch": 3, "batch_size": 16, "rampup_epochs": 1,
                  "ramp_includes_linear": False},
     "distributed": {"checkpoint_every": 2},
-    "logging": {"progress": False, "log_every": 1},
+    "logging": {"progress": False, "log_every": 1, "feature_map": False},  # no t-SNE per cell
 }
 GRID = {"attack.name": ATTACKS, "defense": ["none", "dbd"], "finetune.epsilon": [0.5, 0.3]}
 SCHEDULE_SEED = 22
@@ -191,4 +191,6 @@ def test_killed_at_any_moment_equals_uninterrupted(tmp_path, digits_root, uninte
     # The epsilon axis shared stages: 3 baselines, 3 SimCLR, 3 linear, 6 fine-tunings.
     entries = sorted(p.name.rsplit("-", 1)[0] for p in (out / "stages").iterdir() if (p / "done.json").is_file())
     assert entries == ["finetune"] * 6 + ["linear"] * 3 + ["pretrain"] * 3 + ["supervised"] * 3
+    # logging.feature_map=false: no stage saved a feature sample (nor a t-SNE map).
+    assert not list((out / "stages").glob("*/features.npz"))
     (tmp_path / "kills.json").write_text(json.dumps(kills, indent=1))
