@@ -70,15 +70,6 @@ def crop_ratio(train: bool) -> float:
     return 1.0 if train else EVAL_CROP_RATIO
 
 
-def usable_threads(requested: int, what: str = "data.num_workers") -> int:
-    """``requested`` capped at this process's share of the cores: the cores it may run
-    on divided by the ranks on its node (FFCV refuses more threads than cores; more than
-    the share oversubscribes the node), with one warning line per distinct cap."""
-    from engine.runtime.threads import ffcv_workers
-
-    return ffcv_workers(requested, what)
-
-
 def beton_path(root: str | Path, split: str) -> Path:
     return Path(root) / f"{split}.beton"
 
@@ -89,7 +80,7 @@ def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
     FFCV's loaders set torch's thread count to their worker count (when built and at
     every epoch); the engine narrows that to numba's decoding threads first, so torch
     keeps the engine's ``runtime.threads`` (engine.runtime.threads)."""
-    from engine.runtime.threads import neutralise_ffcv
+    from engine.runtime.threads import ffcv_workers, neutralise_ffcv
 
     neutralise_ffcv()
     from ffcv.fields.basics import IntDecoder
@@ -120,7 +111,7 @@ def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
     return Loader(
         str(path),
         batch_size=spec.batch_size,
-        num_workers=usable_threads(spec.num_workers),
+        num_workers=ffcv_workers(spec.num_workers),
         os_cache=spec.os_cache,
         order=order,
         indices=None if spec.indices is None else np.asarray(spec.indices, dtype=np.int64),

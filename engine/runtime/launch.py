@@ -187,6 +187,15 @@ def _discover() -> _Env:
     return _Env("single", 0, 1, 0)
 
 
+def launcher_rank() -> int:
+    """This process's rank as its launcher's variables give it, before any process group
+    exists (0 for a single process, or where the launcher's variables are incomplete)."""
+    try:
+        return _discover().rank
+    except UserError:
+        return 0
+
+
 # --------------------------------------------------------------------------- init
 
 

@@ -69,16 +69,6 @@ def configure(runtime, local_world_size: int | None) -> int:
     return _torch_threads
 
 
-def torch_threads() -> int:
-    """Torch's intra-op thread count now (what the engine set, unless something changed it)."""
-    return torch.get_num_threads()
-
-
-def engine_threads() -> int | None:
-    """The count ``configure`` chose, None before it ran."""
-    return _torch_threads
-
-
 def neutralise_ffcv() -> bool:
     """Make FFCV's ``Compiler.set_num_threads`` set numba's threads only (its decoding
     threads, FFCV's own rule for counts < 1 kept), once per process. Importing FFCV sets

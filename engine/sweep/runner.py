@@ -205,21 +205,6 @@ def prepare_folder(grid: Grid, out: Path) -> None:
     write_text(record, text)
 
 
-def _launcher_rank() -> int:
-    """This process's rank as its launcher's variables give it, read before any process
-    group exists: only rank 0 records a failure to even load the cell's config."""
-    from engine.runtime.device import detect_launcher
-
-    launcher = detect_launcher()
-    names = {"slurm": ("SLURM_PROCID",), "mpi": ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")}.get(
-        launcher, ("RANK",) if launcher != "single" else ())
-    for name in names:
-        value = os.environ.get(name)
-        if value is not None and value.strip().isdigit():
-            return int(value)
-    return 0
-
-
 def _init_group(cfg):
     """The process group made from ``cfg`` as engine.pipeline.run would make it (which
     then uses it and leaves it up)."""
@@ -240,7 +225,7 @@ def run_recorded_cell(status_file: Path, load: Callable[[], tuple[Any, tuple[str
     from engine.runtime import launch
 
     run_dir = Path(status_file).parent
-    is_main = _launcher_rank() == 0
+    is_main = launch.launcher_rank() == 0  # until the group exists, to record a config that fails to load
     status: dict | None = None
     try:
         cfg, stages = load()

@@ -121,32 +121,42 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
                 p.kill()
 
 
-def test_two_cell_array_for_real(cluster, tmp_path, color_root):
-    env, cluster_dir = cluster
+def submit_grid(env, tmp_path, color_root, grid: dict, time_limit: str):
+    """Write the tiny base config and a grid of ``grid``, ``dbd sweep --slurm`` it and run
+    its submit.sh against the local Slurm; returns (sweep folder, submit.sh's result)."""
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({**TINY, "logging": {"progress": False, "log_every": 1}}))
-    grid = tmp_path / "grid.yaml"
-    # Two baseline cells that differ only in a fine-tuning key: the second reuses the
-    # first one's supervised stage, so submit.sh puts it in a second wave.
-    grid.write_text(yaml.safe_dump({
-        "base": str(base), "overrides": {"data.root": str(color_root)},
-        "grid": {"finetune.lambda_u": [15, 5], "defense": ["none"]},
-        "slurm": {"tasks_per_node": 1, "cpus_per_task": 1, "time": "00:15:00"},
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": str(base), "overrides": {"data.root": str(color_root)}, "grid": grid,
+        "slurm": {"tasks_per_node": 1, "cpus_per_task": 1, "time": time_limit},
     }, sort_keys=False))
     out = tmp_path / "sweep"
-    r = subprocess.run([sys.executable, "-m", "engine", "sweep", str(grid), "--slurm", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "engine", "sweep", str(path), "--slurm", "--out", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     sub = subprocess.run(["bash", str(out / "submit.sh")], env={**env, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True)
     assert sub.returncode == 0, sub.stdout + sub.stderr
-    assert "wave 0: job" in sub.stdout and "wave 1: job" in sub.stdout
+    return out, sub
 
+
+def wait_drained(env, seconds: int, what: str, log) -> None:
     def drained() -> bool:
         q = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
         return q.returncode == 0 and not q.stdout.strip()
 
-    _wait(drained, 600, "the array jobs to finish", cluster_dir / "slurmctld.log")
+    _wait(drained, seconds, what, log)
+
+
+def test_two_cell_array_for_real(cluster, tmp_path, color_root):
+    env, cluster_dir = cluster
+    # Two baseline cells that differ only in a fine-tuning key: the second reuses the
+    # first one's supervised stage, so submit.sh puts it in a second wave.
+    out, sub = submit_grid(env, tmp_path, color_root, {"finetune.lambda_u": [15, 5], "defense": ["none"]},
+                           "00:15:00")
+    assert "wave 0: job" in sub.stdout and "wave 1: job" in sub.stdout
+    wait_drained(env, 600, "the array jobs to finish", cluster_dir / "slurmctld.log")
     logs = sorted((out / "slurm").glob("*.out"))
     text = "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in logs)
     assert len(logs) == 2, text
@@ -173,27 +183,8 @@ def test_failed_cell_recorded_for_real(cluster, tmp_path, color_root):
     """A cell whose task fails (attack.target 99 of 10 classes: the run's dataset check)
     shows as failed, with its error, in its status.json, cells.json and the leaderboard."""
     env, cluster_dir = cluster
-    base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump({**TINY, "logging": {"progress": False, "log_every": 1}}))
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({
-        "base": str(base), "overrides": {"data.root": str(color_root)},
-        "grid": {"attack.target": [99], "defense": ["none"]},
-        "slurm": {"tasks_per_node": 1, "cpus_per_task": 1, "time": "00:05:00"},
-    }, sort_keys=False))
-    out = tmp_path / "sweep"
-    r = subprocess.run([sys.executable, "-m", "engine", "sweep", str(grid), "--slurm", "--out", str(out)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    sub = subprocess.run(["bash", str(out / "submit.sh")], env={**env, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True)
-    assert sub.returncode == 0, sub.stdout + sub.stderr
-
-    def drained() -> bool:
-        q = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
-        return q.returncode == 0 and not q.stdout.strip()
-
-    _wait(drained, 300, "the array job to finish", cluster_dir / "slurmctld.log")
+    out, _ = submit_grid(env, tmp_path, color_root, {"attack.target": [99], "defense": ["none"]}, "00:05:00")
+    wait_drained(env, 300, "the array job to finish", cluster_dir / "slurmctld.log")
     text = "\n".join(p.read_text()[-3000:] for p in (out / "slurm").glob("*.out"))
     cell = out / "cells" / "attack.target-99__defense-none"
     error = "config: attack.target 99 is outside the 10 classes of cifar10"

@@ -1,13 +1,11 @@
 """CIFAR-10 in its Python-pickle release: the extracted folder or the .tar.gz."""
 from __future__ import annotations
 
-import io
-import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
+from engine.data.sources.pickled import read_release, unpickle
 from engine.data.sources.base import ContentHasher, SourceSplits, array_dataset
 from engine.errors import UserError
 
@@ -22,12 +20,13 @@ def read(source: str | None, **_: object) -> SourceSplits:
     path = Path(source)
     if not path.exists():
         raise UserError(f"cifar10 source not found: {path}")
-    blobs = _read_tar(path) if path.is_file() else _read_folder(path)
+    blobs = read_release(path, TRAIN_BATCHES + [TEST_BATCH, META], "cifar-10-batches-py", "CIFAR-10")
     hasher = ContentHasher()
     for name in TRAIN_BATCHES + [TEST_BATCH, META]:
         hasher.update(name.encode())
         hasher.update(blobs[name])
-    classes = [c.decode() if isinstance(c, bytes) else c for c in _unpickle(blobs[META], META)[_key("label_names")]]
+    names = unpickle(blobs[META], META, "CIFAR-10")[_key("label_names")]
+    classes = [c.decode() if isinstance(c, bytes) else c for c in names]
     train_x, train_y = zip(*(_batch(blobs[b], b) for b in TRAIN_BATCHES))
     test_x, test_y = _batch(blobs[TEST_BATCH], TEST_BATCH)
     return SourceSplits(
@@ -43,40 +42,8 @@ def _key(name: str) -> bytes:
     return name.encode()
 
 
-def _read_folder(path: Path) -> dict[str, bytes]:
-    if (path / "cifar-10-batches-py").is_dir():
-        path = path / "cifar-10-batches-py"
-    missing = [n for n in TRAIN_BATCHES + [TEST_BATCH, META] if not (path / n).is_file()]
-    if missing:
-        raise UserError(f"{path} is not a CIFAR-10 python folder: missing {', '.join(missing)}")
-    return {n: (path / n).read_bytes() for n in TRAIN_BATCHES + [TEST_BATCH, META]}
-
-
-def _read_tar(path: Path) -> dict[str, bytes]:
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            blobs = {}
-            for member in tar.getmembers():
-                name = Path(member.name).name
-                if member.isfile() and name in TRAIN_BATCHES + [TEST_BATCH, META]:
-                    blobs[name] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise UserError(f"{path} is not a readable CIFAR-10 archive: {e}") from None
-    missing = [n for n in TRAIN_BATCHES + [TEST_BATCH, META] if n not in blobs]
-    if missing:
-        raise UserError(f"{path} is not a CIFAR-10 python archive: missing {', '.join(missing)}")
-    return blobs
-
-
-def _unpickle(blob: bytes, name: str) -> dict:
-    try:
-        return pickle.load(io.BytesIO(blob), encoding="bytes")
-    except Exception as e:  # a truncated or foreign file surfaces as many exception types
-        raise UserError(f"CIFAR-10 file {name} is unreadable: {e}") from None
-
-
 def _batch(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
-    d = _unpickle(blob, name)
+    d = unpickle(blob, name, "CIFAR-10")
     try:
         data = np.asarray(d[b"data"], dtype=np.uint8)
         labels = np.asarray(d[b"labels"], dtype=np.int64)

@@ -10,13 +10,11 @@ Images are 32x32 and written raw, exactly.
 """
 from __future__ import annotations
 
-import io
-import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
+from engine.data.sources.pickled import read_release, unpickle
 from engine.data.sources.base import ContentHasher, SourceSplits, array_dataset
 from engine.errors import UserError
 
@@ -30,12 +28,12 @@ def read(source: str | None, **_: object) -> SourceSplits:
     path = Path(source)
     if not path.exists():
         raise UserError(f"cifar100 source not found: {path}")
-    blobs = _read_tar(path) if path.is_file() else _read_folder(path)
+    blobs = read_release(path, FILES, FOLDER, "CIFAR-100", in_folder_only=True)
     hasher = ContentHasher()
     for name in FILES:
         hasher.update(name.encode())
         hasher.update(blobs[name])
-    meta = _unpickle(blobs["meta"], "meta")
+    meta = unpickle(blobs["meta"], "meta", "CIFAR-100")
     fine_names = _names(meta, "fine_label_names")
     coarse_names = _names(meta, "coarse_label_names")
     train_x, train_y, train_c = _split(blobs["train"], "train", len(fine_names), len(coarse_names))
@@ -51,42 +49,6 @@ def read(source: str | None, **_: object) -> SourceSplits:
     )
 
 
-def _read_folder(path: Path) -> dict[str, bytes]:
-    if (path / FOLDER).is_dir():
-        path = path / FOLDER
-    missing = [n for n in FILES if not (path / n).is_file()]
-    if missing:
-        raise UserError(f"{path} is not a CIFAR-100 python folder: missing {', '.join(missing)}")
-    return {n: (path / n).read_bytes() for n in FILES}
-
-
-def _read_tar(path: Path) -> dict[str, bytes]:
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            blobs = {}
-            for member in tar.getmembers():
-                parts = Path(member.name).parts
-                # Only the release's own files: cifar-100-python/{train,test,meta}.
-                if member.isfile() and parts[-1] in FILES and (len(parts) == 1 or parts[-2] == FOLDER):
-                    blobs[parts[-1]] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise UserError(f"{path} is not a readable CIFAR-100 archive: {e}") from None
-    missing = [n for n in FILES if n not in blobs]
-    if missing:
-        raise UserError(f"{path} is not a CIFAR-100 python archive: missing {', '.join(missing)}")
-    return blobs
-
-
-def _unpickle(blob: bytes, name: str) -> dict:
-    try:
-        d = pickle.load(io.BytesIO(blob), encoding="bytes")
-    except Exception as e:  # a truncated or foreign file surfaces as many exception types
-        raise UserError(f"CIFAR-100 file {name} is unreadable: {e}") from None
-    if not isinstance(d, dict):
-        raise UserError(f"CIFAR-100 file {name} holds a {type(d).__name__}, not the release's dict")
-    return d
-
-
 def _names(meta: dict, key: str) -> list[str]:
     if key.encode() not in meta:
         raise UserError(f"CIFAR-100 file meta lacks key {key!r}")
@@ -94,7 +56,7 @@ def _names(meta: dict, key: str) -> list[str]:
 
 
 def _split(blob: bytes, name: str, n_fine: int, n_coarse: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    d = _unpickle(blob, name)
+    d = unpickle(blob, name, "CIFAR-100")
     try:
         data = np.asarray(d[b"data"], dtype=np.uint8)
         fine = np.asarray(d[b"fine_labels"], dtype=np.int64)
