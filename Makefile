@@ -54,7 +54,7 @@ demo: setup
 	$(VENV)/bin/dbd run configs/demo/digits_badnets_dbd.yaml run_dir=$(DEMO_RUN)
 
 test: setup test-sysdeps
-	$(VENV)/bin/pytest -q --durations=20 tests
+	$(VENV)/bin/pytest -q -n auto --dist loadfile --durations=20 tests
 
 bench: setup
 	$(PY) -m benchmarks --out benchmarks/results

@@ -1,9 +1,34 @@
 """Session fixtures shared by every test folder."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n 2``), give each worker its own cores.
+
+    The engine sets torch's threads to the cores a process may run on (``runtime.threads``
+    0, see engine/runtime/threads.py), so two workers that both saw every core would each
+    run 2-thread processes on 2 cores, and OpenMP slows oversubscribed processes by up to
+    16x. Pinning each worker (and every subprocess it starts: affinity is inherited) to
+    its own share makes the engine's own rule pick the right count. Results do not depend
+    on it: every test that compares runs compares runs made under the same pinning.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...; unset without xdist
+    if not worker or not hasattr(os, "sched_setaffinity"):
+        return
+    index = int(worker.removeprefix("gw"))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = sorted(os.sched_getaffinity(0))
+    if workers > len(cores):
+        return  # more workers than cores: nothing sensible to pin
+    share = set(cores[index::workers])
+    for task in os.listdir("/proc/self/task"):  # every thread already started, not just this one
+        os.sched_setaffinity(int(task), share)
+    os.environ["OMP_NUM_THREADS"] = str(len(share))
 
 
 @pytest.fixture(scope="session")
