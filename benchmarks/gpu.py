@@ -11,7 +11,11 @@ it imports needs FFCV (the data is in memory: ``engine.data.memory``). Four phas
    views and the evaluation normalisation. Max abs difference on un-normalised pixels
    against the kernels tests' tolerances (``TOL``).
 2. ``views``: views/s of the fused kernels, the twin and torchvision v2, each per sample
-   (one call per image) and batched (one call per batch), at 32 and 224 px.
+   (one call per image) and batched (one call per batch), at 32 and 224 px; first,
+   images/s of ``data.decode_device: cuda`` (batched nvJPEG, centre crop and resize to
+   256, BadNets on 10% on the device) against the CPU path (``decode_jpeg`` on host
+   threads, same framing and trigger), on 400x350 JPEGs and on 256 px ones (decode
+   geometry).
 3. ``steps``: one SimCLR step and one MixMatch step of the real stages
    (``engine.pipeline.make_stage`` over ``MemoryData``) at CIFAR size (CIFAR ResNet-18,
    32 px) and ImageNet size (torchvision ResNet-18, 224 px views from 256 px sources),
@@ -74,6 +78,9 @@ SIZES = {
                      overflow=1024, overflow_dtypes=("fp32", "bf16"), padding=4),
         views=dict(sizes={"32px": (32, 32), "224px": (256, 224)}, batch=512, per_sample=64, reps=5,
                    per_sample_reps=3),
+        # data.decode_device: JPEG bytes of (height, width) photos decoded and framed at
+        # decode_size, 10% triggered (BadNets), cuda against the CPU path.
+        decode=dict(source=(350, 400), decode_size=256, batch=256, reps=3, poisoned=0.1),
         # (family, stage, arch, width, view size, source size, batch): the stage's own
         # batch_size (MixMatch: labelled, plus as many unlabelled).
         steps=dict(warmup=3, timed={"cifar": 10, "imagenet": 5}, cases=(
@@ -94,6 +101,7 @@ SIZES = {
                      overflow_dtypes=("fp32",), padding=2),
         # Timing needs no second tile: both sizes are one (the kernels phase checks the tiled path).
         views=dict(sizes={"8px": (8, 8), "16px": (20, 16)}, batch=2, per_sample=1, reps=1, per_sample_reps=1),
+        decode=dict(source=(35, 40), decode_size=32, batch=4, reps=1, poisoned=0.5),
         steps=dict(warmup=1, timed={"cifar": 2, "imagenet": 2}, cases=(
             ("cifar", "pretrain", "cifar_resnet18", 4, 32, 32, 16),
             ("cifar", "finetune", "cifar_resnet18", 4, 32, 32, 8),
@@ -389,6 +397,84 @@ def _view_methods(images, spec, n: int, fused: bool) -> dict:
     return out
 
 
+def _jpeg_batch(n: int, height: int, width: int, seed: int) -> list:
+    """JPEG bytes of smooth random images (photo-like, so they compress as photos do)."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.io import encode_jpeg
+
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, max(2, height // 16), max(2, width // 16), generator=g)
+    smooth = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    noise = torch.rand(n, 3, height, width, generator=g) * 0.1
+    images = ((smooth + noise).clamp(0, 1) * 255).to(torch.uint8)
+    return [encode_jpeg(img, quality=90) for img in images]
+
+
+def _decode_cases(p: "_Progress", dev, smoke: bool) -> None:
+    """data.decode_device: images/s of decode + framing + trigger on ``dev`` (nvJPEG on
+    CUDA) against the CPU path (decode_jpeg on host threads, the same framing and
+    trigger on the host), at source resolution and at decode geometry."""
+    import numpy as np
+    import torch
+
+    from engine.attacks.badnets import BadNets, BadNetsConfig
+    from engine.attacks.device import device_twin
+    from engine.data.gpu_decode import decode_batch
+
+    s = SIZES[_mode(smoke)]["decode"]
+    (h, w), size, batch = s["source"], s["decode_size"], s["batch"]
+    twin = device_twin(BadNets.from_config(BadNetsConfig()))
+    selected = np.random.default_rng(0).random(batch) < s["poisoned"]
+    threads = max(1, min(16, os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(threads)
+    cpu = torch.device("cpu")
+
+    def cpu_path(jpegs):
+        # decode_jpeg on the CPU is one image after another: a thread per share of the batch.
+        chunks = [list(range(k, len(jpegs), threads)) for k in range(threads)]
+        parts = list(pool.map(lambda c: decode_batch([jpegs[i] for i in c], size=size, ratio=1.0, device=cpu)
+                              if c else None, chunks))
+        images = torch.empty(len(jpegs), size, size, 3, dtype=torch.uint8)
+        for c, part in zip(chunks, parts):
+            if c:
+                images[c] = part
+        return twin.apply_selected(images, torch.arange(len(jpegs)), torch.from_numpy(selected))
+
+    def device_path(jpegs):
+        images = decode_batch(jpegs, size=size, ratio=1.0, device=dev)
+        return twin.apply_selected(images, torch.arange(len(jpegs), device=dev),
+                                   torch.from_numpy(selected).to(dev))
+
+    p.data["decode_settings"] = {**s, "cpu_threads": threads, "trigger": "badnets white3x3"}
+    for label, (sh, sw) in ((f"{h}x{w}_to_{size}", (h, w)), (f"{size}_stored", (size, size))):
+        jpegs = _jpeg_batch(batch, sh, sw, seed=sh)
+        outs = {}
+        for name, fn, d in (("device", device_path, dev), ("cpu", cpu_path, cpu)):
+            def timed(fn=fn, d=d, name=name):
+                outs[name] = fn(jpegs).cpu().int()  # also the warm-up: nvJPEG's handles, the twin's tables
+                sync(d)
+                rates = []
+                for _ in range(s["reps"]):
+                    t0 = time.perf_counter()
+                    fn(jpegs)
+                    sync(d)
+                    rates.append(len(jpegs) / (time.perf_counter() - t0))
+                return {"unit": "images/s", "images": len(jpegs), "device": str(d), **measurement("images/s", rates)}
+
+            p.case(f"decode/{label}/{name}", timed, kind="decode")
+        if len(outs) == 2 and "median" in p.data["results"].get(f"decode/{label}/cpu", {}):
+            # nvJPEG against libjpeg, the same framing and trigger: pixels may differ by a level or so.
+            diff = (outs["device"] - outs["cpu"]).abs()
+            p.data["results"][f"decode/{label}/cpu"].update(max_abs_diff_vs_device=int(diff.max()),
+                                                           mean_abs_diff_vs_device=float(diff.float().mean()))
+        dv, cp = (p.data["results"].get(f"decode/{label}/{k}", {}).get("median") for k in ("device", "cpu"))
+        if dv and cp:
+            p.data.setdefault("decode_ratios", {})[f"decode/{label}/device_vs_cpu"] = dv / cp
+        p.save()
+    pool.shutdown()
+
+
 def phase_views(smoke: bool, deadline: float, progress: str | None = None) -> dict:
     """views/s: fused Triton, the PyTorch twin and torchvision v2, per sample and batched."""
     from kernels import SimCLRSpec, triton_available
@@ -405,6 +491,10 @@ def phase_views(smoke: bool, deadline: float, progress: str | None = None) -> di
         p.cuda_only("target", "needs CUDA: fused >= 10x torchvision v2 is a GPU target")
     if not fused:
         p.data["notes"].append("triton is not importable: no fused figures")
+    # First: a few seconds, and the figure the GPU decode (data.decode_device) has none of yet.
+    if smoke:
+        p.cuda_only("decode_speed", "needs CUDA: nvJPEG; here both decode paths run on the CPU, tiny")
+    _decode_cases(p, dev, smoke)
     for label, (source, size) in s["sizes"].items():
         spec = SimCLRSpec(size=size)
         images = _images(s["batch"], source, source, dev, seed=len(label))
@@ -829,7 +919,7 @@ def _measurements(phases: dict) -> dict:
     views = (phases.get("views") or {}).get("results") or {}
     for key, r in views.items():
         if isinstance(r, dict) and r.get("reps"):
-            out[f"views/{key}"] = measurement("views/s", r["reps"])
+            out[f"views/{key}"] = measurement(r.get("unit", "views/s"), r["reps"])
     steps = (phases.get("steps") or {}).get("results") or {}
     for key, r in steps.items():
         if isinstance(r, dict) and r.get("images_per_s_by_step"):
@@ -978,7 +1068,7 @@ def _md_views(ph: dict) -> list[str]:
         if "error" not in r:
             lines.append(f"| {k} | {_f(r.get('median'))} | {_f(r.get('min'))}–{_f(r.get('max'))} |")
     lines += ["", "| ratio | value |", "| --- | --- |"]
-    lines += [f"| {k} | {_f(v)}x |" for k, v in (ph.get("ratios") or {}).items()]
+    lines += [f"| {k} | {_f(v)}x |" for k, v in {**(ph.get("ratios") or {}), **(ph.get("decode_ratios") or {})}.items()]
     for t in ph.get("targets") or []:
         lines.append(f"- target {t['name']}: {_f(t['value'])} ({t['target']}): {'met' if t['met'] else 'NOT met'}")
     return lines + _errors(res)

@@ -36,10 +36,12 @@ from benchmarks.harness import alternate, comparison, measurement, pin_torch_thr
 
 FULL = dict(cifar_n=5120, simclr_batch=512, weak_batch=128, jpeg_n=128, jpeg_batch=32, reps=3, loader_reps=5,
             jpeg_reps=3, loader_epochs=20, reference_loader_epochs=2, jpeg_loader_epochs=4, jpeg_poison=True,
-            warmup=1, attack_n=20_000, attack_batch=512, attack_reps=31, attack_epochs=5)
+            warmup=1, attack_n=20_000, attack_batch=512, attack_reps=31, attack_epochs=5, jpeg_attack_n=1024,
+            jpeg_attack_reps=11)
 QUICK = dict(cifar_n=256, simclr_batch=64, weak_batch=64, jpeg_n=32, jpeg_batch=16, reps=1, loader_reps=1,
              jpeg_reps=1, loader_epochs=2, reference_loader_epochs=1, jpeg_loader_epochs=1, jpeg_poison=False,
-             warmup=0, attack_n=256, attack_batch=64, attack_reps=1, attack_epochs=1)
+             warmup=0, attack_n=256, attack_batch=64, attack_reps=1, attack_epochs=1, jpeg_attack_n=32,
+            jpeg_attack_reps=1)
 POISON_RATIO = 0.1
 ATTACKS = ("badnets", "blended", "wanet")
 
@@ -183,33 +185,41 @@ def _overhead(sides: dict, reps: int, warmup: int, size: str, measurements: dict
     return overhead, comparison("images/s", r["engine_poisoned"], r["reference_poisoned"])
 
 
-def trigger_by_attack(s: dict, workers: int) -> dict:
-    """The engine loader with each attack's operations against the clean loader."""
-    from benchmarks.synthetic import cifar_like, poison_runtime
+def trigger_by_attack(s: dict, workers: int, jpeg: bool = False) -> dict:
+    """The engine loader with each attack's operations against the clean loader: on the
+    raw CIFAR-size set, or (``jpeg``) on the ImageNet-size JPEG set as prepared by default
+    (256 px decode geometry), where the trigger is drawn on the decoded 256 px frame."""
+    from benchmarks.synthetic import cifar_like, imagenet_like, poison_runtime
 
-    bench = cifar_like(s["attack_n"])
+    if jpeg:
+        bench, batch, reps, epochs = imagenet_like(s["jpeg_attack_n"]), s["jpeg_batch"], s["jpeg_attack_reps"], 1
+        image_size, decode_size = 224, 256
+    else:
+        bench, batch, reps, epochs = cifar_like(s["attack_n"]), s["attack_batch"], s["attack_reps"], s["attack_epochs"]
+        image_size, decode_size = 32, 32
     threads = max(1, min(workers, 8))
-    loaders = {"clean": _engine_loader(bench, s["attack_batch"], threads, 32, None, drop_last=False)}
+    loaders = {"clean": _engine_loader(bench, batch, threads, decode_size, None, drop_last=False)}
     for name in ATTACKS:
-        runtime, _ = poison_runtime(bench, attack=name, image_size=32, decode_size=0, ratio=POISON_RATIO,
-                                    num_workers=threads)
-        loaders[name] = _engine_loader(bench, s["attack_batch"], threads, 32, runtime.train_ops(), drop_last=False)
+        runtime, _ = poison_runtime(bench, attack=name, image_size=image_size,
+                                    decode_size=decode_size if jpeg else 0, ratio=POISON_RATIO, num_workers=threads)
+        loaders[name] = _engine_loader(bench, batch, threads, decode_size, runtime.train_ops(), drop_last=False)
     for loader in loaders.values():
         _engine_epoch(loader, 0)  # warm-up: compilation, first touch of the file, trigger memos
     rates: dict[str, list[float]] = {k: [] for k in loaders}
     order = random.Random(0)
-    for r in range(s["attack_reps"]):
+    for r in range(reps):
         for name in order.sample(list(loaders), len(loaders)):
-            e = s["attack_epochs"]
-            rates[name].append(rate(lambda: sum(_engine_epoch(loaders[name], r * e + k + 1) for k in range(e))))
+            rates[name].append(rate(lambda: sum(_engine_epoch(loaders[name], r * epochs + k + 1)
+                                                for k in range(epochs))))
     med = {k: statistics.median(v) for k, v in rates.items()}
     # Each repetition times the sides back to back, so a ratio within a repetition shares
     # that moment's machine load: its median is the steadier estimate on a shared machine.
     paired = {a: statistics.median(x / c for x, c in zip(rates[a], rates["clean"])) for a in ATTACKS}
     return {"medians": med, "ratio_per_attack": {a: med[a] / med["clean"] for a in ATTACKS},
             "paired_ratio_per_attack": paired, "results": rates,
-            "settings": {"images": s["attack_n"], "batch_size": s["attack_batch"], "threads": threads,
-                         "repetitions": s["attack_reps"], "epochs_per_repetition": s["attack_epochs"],
+            "settings": {"images": len(bench.labels), "batch_size": batch, "threads": threads,
+                         "repetitions": reps, "epochs_per_repetition": epochs, "decode_size": decode_size,
+                         "data": "ImageNet-size JPEG, stored at 256 px" if jpeg else "CIFAR-size raw",
                          "poison_ratio": POISON_RATIO, "attacks": list(ATTACKS)}}
 
 
@@ -276,6 +286,26 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
     measurements["imagenet224/decode_only"] = measurement("images/s", r["decode"])
     measurements["imagenet224/loader_cost_over_decode"] = {
         "unit": "x", "median": loader_cost, "reps": [1.0 / x for x in m["round_ratios"]], "loader": tag}
+    # The same photos stored at source resolution (`dbd prepare --decode-size 0`): the
+    # loader then crops and resizes every image every epoch.
+    jpeg_src = imagenet_like(s["jpeg_n"], decode_size=0)
+    rt_src = poison_runtime(jpeg_src, image_size=224, decode_size=256, ratio=POISON_RATIO,
+                            num_workers=workers)[0] if s["jpeg_poison"] else None
+    eng_src = _engine_loader(jpeg_src, s["jpeg_batch"], workers, 256, rt_src.train_ops() if rt_src else None)
+    decode_src = _decode_only(jpeg_src, workers)
+    r = alternate({"loader": _epochs(lambda e: _engine_epoch(eng_src, e), j_ep),
+                   "decode": _epochs(lambda e: decode_src(s["jpeg_batch"], e % 1_000_000 + 10), j_ep),
+                   "stored_at_decode_size": _epochs(lambda e: _engine_epoch(eng_j, e), j_ep)},
+                  s["loader_reps"], s["warmup"])
+    m_src = comparison("images/s", r["loader"], r["decode"])
+    measurements[f"imagenet224/source_resolution/loader_only/engine/{tag}"] = measurement("images/s", r["loader"])
+    measurements["imagenet224/source_resolution/decode_only"] = measurement("images/s", r["decode"])
+    measurements["imagenet224/source_resolution/loader_cost_over_decode"] = {
+        "unit": "x", "median": 1.0 / m_src["ratio"], "reps": [1.0 / x for x in m_src["round_ratios"]], "loader": tag}
+    comparisons["imagenet224/loader_only/stored_at_decode_size_vs_source_resolution"] = comparison(
+        "images/s", r["stored_at_decode_size"], r["loader"])
+    del eng_src
+
     # Each sample is delivered once per epoch (so decoded once), both views come from it.
     eng_j.next_epoch = 99
     seen = np.concatenate([idx.numpy().copy() for _, _, idx in eng_j])
@@ -304,6 +334,13 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
         measurements[f"trigger/{name}/loader_only"] = measurement("images/s", reps_a)
     for name, ratio in by_attack["ratio_per_attack"].items():
         overhead[f"engine_{name}"] = 1.0 / ratio - 1.0
+    by_attack_jpeg = None
+    if s["jpeg_poison"]:  # quick mode: the triggering JPEG decoders take too long to compile
+        by_attack_jpeg = trigger_by_attack(s, workers, jpeg=True)
+        for name, reps_a in by_attack_jpeg["results"].items():
+            measurements[f"trigger_jpeg/{name}/loader_only"] = measurement("images/s", reps_a)
+        for name, ratio in by_attack_jpeg["paired_ratio_per_attack"].items():
+            overhead[f"engine_jpeg_{name}"] = 1.0 / ratio - 1.0
 
     head = comparisons["cifar32/simclr/poisoned"]
     targets = [
@@ -314,6 +351,12 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
         target("ImageNet-size: JPEG decodes (deliveries) per sample per epoch", per_sample, "<=", 1.0)]
     if "engine_jpeg" in overhead:
         targets.append(target("trigger overhead, engine loader, ImageNet-size", overhead["engine_jpeg"], "<=", 0.05))
+        targets.append(target("ImageNet-size: engine loader / reference DataLoader, loader alone, poisoned",
+                              comparisons["imagenet224/loader_only/poisoned"]["ratio"], ">=", 4.0))
+    if by_attack_jpeg is not None:
+        for name in ATTACKS:
+            targets.append(target(f"trigger overhead, engine loader, ImageNet-size JPEG, {name} (per attack)",
+                                  overhead[f"engine_jpeg_{name}"], "<=", 0.05))
     for name in ATTACKS:
         targets.append(target(f"trigger overhead, engine loader, CIFAR-size, {name} (per attack)",
                               overhead[f"engine_{name}"], "<=", 0.05))
@@ -329,6 +372,6 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
                      "reference": "Dataset (NumPy trigger, PIL transforms per sample) + DataLoader workers",
                      "delivered": "normalised float views ready for the model"},
         "comparisons": comparisons, "measurements": measurements, "trigger_overhead": overhead,
-        "trigger_by_attack": by_attack,
+        "trigger_by_attack": by_attack, "trigger_by_attack_jpeg": by_attack_jpeg,
         "targets": targets, "notes": notes, "seconds": time.perf_counter() - t_start,
     }

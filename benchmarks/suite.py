@@ -68,6 +68,9 @@ REGISTRY: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("gpu", "the prepared one-GPU check: Triton kernels against the PyTorch twin, view timing, real "
               "SimCLR/MixMatch steps (CIFAR and ImageNet size, bf16/fp32), NCCL and 2-process gloo "
               "(--smoke: its CPU path)", quick_limit_s=300, full_limit_s=540, default=False, isolate=False),
+    Benchmark("scale", "per-core prepare and loader images/s, bytes/image and peak RSS on a synthetic ImageFolder "
+              "tree; the derived .beton size, prepare time and cores per GPU for ImageNet-1k/-100",
+              full_limit_s=1200, default=False),
 )}
 
 

@@ -7,7 +7,9 @@ Two shapes, each written for both sides of a comparison from the same pixels:
 - ImageNet-size: crops of about 400x350 pixels (sizes vary, as real ImageNet's do) from
   the photos bundled with scikit-learn. The reference reads them as JPEG files with
   PIL; the engine reads a JPEG ``.beton`` written from the same decoded pixels at the
-  same quality.
+  same quality, as ``dbd prepare imagefolder`` writes it: by default at the decode
+  geometry (256 px centre squares, ``--decode-size``), or at source resolution
+  (``decode_size=0``).
 
 Each set is a folder like ``dbd prepare`` writes (train.beton, test.beton, meta.json),
 so the engine's loaders and ``engine.attacks.runtime.build_poison`` take it as is.
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 # Bump when what a cached set holds changes, so stale caches are not reused.
-FORMAT = 2
+FORMAT = 3
 NUM_CLASSES = 10
 JPEG_QUALITY = 90
 TEST_COUNT = 64  # build_poison reads the test labels; the benchmarks never load them
@@ -46,13 +48,18 @@ class BenchSet:
     jpeg_paths: list[str] | None  # JPEG files of the training images (ImageNet-size)
 
 
-def _write_set(root: Path, name: str, train_images, labels, test_images, test_labels, fixed: bool) -> dict:
+def _write_set(root: Path, name: str, train_images, labels, test_images, test_labels, fixed: bool,
+               decode_size: int = 0) -> dict:
     from engine.data.beton import write_beton
     from engine.fsutil import write_json
 
     root.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, imgs, labs in (("train", train_images, labels), ("test", test_images, test_labels)):
+        if decode_size:
+            from engine.data.decode_geometry import to_decode_geometry
+
+            imgs = [to_decode_geometry(im, decode_size) for im in imgs]
         write_beton(root / f"{split}.beton", [(im, int(y), i) for i, (im, y) in enumerate(zip(imgs, labs))],
                     fixed_size=fixed, write_mode="raw" if fixed else "jpg", max_resolution=0 if fixed else 512,
                     jpeg_quality=JPEG_QUALITY, num_workers=max(1, min(2, os.cpu_count() or 1)), progress=False)
@@ -67,7 +74,7 @@ def _write_set(root: Path, name: str, train_images, labels, test_images, test_la
     meta = {"name": name, "classes": [f"class{c}" for c in range(NUM_CLASSES)], "num_classes": NUM_CLASSES,
             "splits": splits, "fixed_size": fixed, "content_hash": h.hexdigest(), "source": None,
             "writer": {"write_mode": "raw" if fixed else "jpg", "jpeg_quality": JPEG_QUALITY,
-                       "fields": ["image", "label", "index"]},
+                       "decode_size": decode_size, "fields": ["image", "label", "index"]},
             "notes": {"synthetic": True, "format": FORMAT}, "seconds": 0.0}
     write_json(root / "meta.json", meta)  # last: its presence marks a complete set
     return meta
@@ -114,11 +121,12 @@ def _photo_crops(n: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def imagenet_like(n: int, seed: int = 0) -> BenchSet:
-    """``n`` photo crops of about 400x350 as JPEG files and as a JPEG ``.beton``."""
+def imagenet_like(n: int, seed: int = 0, decode_size: int = 256) -> BenchSet:
+    """``n`` photo crops of about 400x350 as JPEG files and as a JPEG ``.beton`` stored at
+    ``decode_size`` (0: source resolution)."""
     from PIL import Image
 
-    root = cache_dir() / f"jpeg400-n{n}-s{seed}-v{FORMAT}"
+    root = cache_dir() / f"jpeg400-n{n}-s{seed}-d{decode_size}-v{FORMAT}"
     files = root / "jpeg"
     labels = (np.arange(n) % NUM_CLASSES).astype(np.int64)
     paths = [str(files / f"{i:06d}.jpg") for i in range(n)]
@@ -137,7 +145,8 @@ def imagenet_like(n: int, seed: int = 0) -> BenchSet:
                 decoded.append(np.asarray(im.convert("RGB")))
         test = crops[n:]
         meta = _write_set(root, "bench-jpeg400", decoded, labels, test,
-                          (np.arange(TEST_COUNT) % NUM_CLASSES).astype(np.int64), fixed=False)
+                          (np.arange(TEST_COUNT) % NUM_CLASSES).astype(np.int64), fixed=False,
+                          decode_size=decode_size)
     return BenchSet(root=root, meta=meta, labels=labels, images=None, jpeg_paths=paths)
 
 

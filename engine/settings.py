@@ -27,6 +27,9 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
+DECODE_DEVICES = ("cpu", "cuda")
+
+
 @dataclass
 class DataConfig:
     name: str = "cifar10"  # must equal the dataset name in ``<root>/meta.json``
@@ -43,6 +46,11 @@ class DataConfig:
     std: tuple[float, float, float] = CIFAR_STD
     horizontal_flip: bool = True  # off for data that is not mirror-symmetric (digits, GTSRB)
     os_cache: bool = True  # FFCV: map the whole .beton into the page cache
+    # Where JPEG data is decoded: cpu (FFCV, libjpeg-turbo) | cuda (batched nvJPEG, the
+    # trigger applied on the GPU: engine/data/gpu_decode.py). cuda needs variable-size JPEG
+    # data and a CUDA run; its pixels may differ from the CPU decode by a level (nvJPEG's
+    # IDCT), so it is part of every stage's key.
+    decode_device: str = "cpu"
 
     @property
     def decode_side(self) -> int:
@@ -55,6 +63,8 @@ class DataConfig:
         check(self.decode_size == 0 or self.decode_size >= self.image_size,
                "data.decode_size", "must be 0 or >= data.image_size")
         check(all(s > 0 for s in self.std), "data.std", "must be positive")
+        check(self.decode_device in DECODE_DEVICES, "data.decode_device",
+              f"must be one of {', '.join(DECODE_DEVICES)}, got {self.decode_device!r}")
 
 
 @dataclass

@@ -3,8 +3,9 @@
 An attack is a trigger defined on a *frame*: a (height, width) grid at which its
 pattern, warp field or perturbation is specified (the image size for fixed-size data,
 ``data.decode_size`` for variable-size JPEG data). It is applied to a *window*: the
-part of a real image that the loader keeps (the whole image for fixed-size data, the
-centre crop at source resolution for JPEG data). Frame and window are linked by
+image the loader delivers (the whole image for fixed-size data; for variable-size data
+the centre crop already resized to the decode size, which is the frame). Frame and
+window are linked by
 nearest-neighbour index maps, so a pattern defined at 32 px lands on a 224 px window
 at the same relative place and scale, and a window equal to the frame is an identity.
 

@@ -3,10 +3,10 @@
 - Fixed-size data: :class:`FixedTriggerDecoder` decodes like ``SimpleRGBImageDecoder``
   into its own output buffer (never the memory-mapped file) and triggers the selected
   images there; triggered images are memoized per sample (:class:`Memo`).
-- Variable-size (JPEG) data: :class:`TriggerDecoder` decodes at source resolution,
-  triggers the window the centre crop keeps, then crops and resizes to the output
-  square, so the trigger is drawn at source resolution before any resampling. A raw
-  source is copied into scratch memory before the trigger writes to it.
+- Variable-size (JPEG) data: :class:`TriggerDecoder` decodes, crops and resizes to the
+  decode-size square, then triggers that square (the attack's frame), so a trigger means
+  the same on every source image whatever its resolution. The trigger only ever writes
+  to the output buffer, never to the memory-mapped source.
 - :class:`LabelOp` replaces labels by index (after ``IntDecoder``).
 
 The per-sample decision is a table look-up on the sample's dataset index: the same
@@ -186,11 +186,16 @@ class LabelOp(Operation):
 
 
 class TriggerDecoder(ResizedCropRGBImageDecoder):
-    """Decode, trigger the centre-crop window at source resolution, crop and resize.
+    """Decode, crop and resize to the decode size, then trigger the decoded frame.
 
     ``ratio`` is the crop side over the shorter image side (1.0: the full centre
     square; 224/256: Resize(256) + CenterCrop(224)), as in FFCV's
     ``CenterCropRGBImageDecoder``, whose output this equals for unselected samples.
+    The trigger is drawn after the resize, on the decode-size image, which is the
+    attack's frame: a patch size or a WaNet grid then means the same on every source
+    image, whatever its resolution, as in BackdoorBench (it resizes to the input size
+    before poisoning) and the DBD reference on ImageNet (trigger after Resize(256) +
+    CenterCrop(224)).
     """
 
     def __init__(self, output_size: tuple[int, int], ratio: float, attack: Attack, selected: np.ndarray):
@@ -230,26 +235,16 @@ class TriggerDecoder(ResizedCropRGBImageDecoder):
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height = np.uint32(field["height"])
                 width = np.uint32(field["width"])
-                hit = selected[source_ix] != 0
-                size = 3 * height * width
                 i, j, h, w = get_crop_c(height, width, None, ratio)
-                # Three branches rather than one shared variable: numba would type a
-                # variable that may hold the read-only source as read-only everywhere.
                 if field["mode"] == jpg:
                     temp_buffer = temp_storage[dst_ix]
                     imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    image = temp_buffer.reshape(-1)[:size].reshape(height, width, 3)
-                    if hit:
-                        kernel(image[i:i + h, j:j + w], source_ix)
+                    image = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                     resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
-                elif hit:
-                    # The raw source is the memory-mapped file: copy before writing.
-                    scratch = temp_storage[dst_ix].reshape(-1)[:size].reshape(height, width, 3)
-                    scratch[:] = image_data.reshape(height, width, 3)
-                    kernel(scratch[i:i + h, j:j + w], source_ix)
-                    resize_crop_c(scratch, i, i + h, j, j + w, destination[dst_ix])
-                else:
+                else:  # raw: the memory-mapped source is only read
                     resize_crop_c(image_data.reshape(height, width, 3), i, i + h, j, j + w, destination[dst_ix])
+                if selected[source_ix] != 0:
+                    kernel(destination[dst_ix], source_ix)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

@@ -33,11 +33,9 @@ def smallest_window(cfg, meta: dict) -> tuple[int, int]:
     if meta.get("fixed_size"):
         sizes = [(int(s["height"][0]), int(s["width"][0])) for s in meta["splits"].values()]
         return min(sizes)
-    from engine.data.loaders import crop_ratio
-
-    side = min(min(int(s["height"][0]), int(s["width"][0])) for s in meta["splits"].values())
-    c = max(1, int(crop_ratio(False) * side))  # as FFCV's centre crop computes it
-    return c, c
+    # Variable-size data is triggered after its resize, on the decode-size frame.
+    side = cfg.data.decode_side
+    return side, side
 
 
 def _split_labels(root: str, split: str) -> np.ndarray:
@@ -120,6 +118,13 @@ class PoisonRuntime:
             return None
         changed = bool((self.plan.labels != self.plan.true_labels).any())
         return AttackOps(attack, self.train_selected, self.plan.labels if changed else None)
+
+    def device_ops(self, split: str):
+        """The poisoning of ``split`` for ``data.decode_device: cuda``: the attack's device
+        twin (engine.attacks.device.DevicePoison), None for clean data."""
+        from engine.attacks.device import DevicePoison
+
+        return DevicePoison.of(self, split)
 
     def test_ops(self):
         from engine.attacks.ops import AttackOps

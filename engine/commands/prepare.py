@@ -4,6 +4,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from engine.data.decode_geometry import DEFAULT_DECODE_SIZE
     from engine.data.sources import READERS
 
     p.add_argument("dataset", choices=READERS, help="source format")
@@ -15,6 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=32, help="gtsrb: side the images are resized to (default 32)")
     p.add_argument("--max-resolution", type=int, default=512,
                    help="imagefolder: cap on the longer side, in pixels (default 512)")
+    p.add_argument("--decode-size", type=int, default=DEFAULT_DECODE_SIZE,
+                   help=f"imagefolder: store each image as its centre square resized to this side, the loader's "
+                        f"training frame, so loading costs one decode (default {DEFAULT_DECODE_SIZE}, the presets' "
+                        f"data.decode_size; runs must use the same data.decode_size). 0: keep source resolution "
+                        f"(capped by --max-resolution); the loader then crops and resizes every epoch")
     p.add_argument("--jpeg-quality", type=int, default=90, help="imagefolder: JPEG quality (default 90)")
     p.add_argument("--write-mode", default="", choices=["", "raw", "jpg", "smart"],
                    help="FFCV write mode (default: raw for fixed-size sets, jpg for imagefolder)")
@@ -28,7 +34,8 @@ def main(args: argparse.Namespace) -> int:
     meta = prepare(args.dataset, args.source, args.out, force=args.force, classes_file=args.classes_file,
                    size=args.size, progress=not args.no_progress,
                    writer=WriterSettings(write_mode=args.write_mode, max_resolution=args.max_resolution,
-                                         jpeg_quality=args.jpeg_quality, num_workers=args.workers))
+                                         jpeg_quality=args.jpeg_quality, num_workers=args.workers,
+                                         decode_size=args.decode_size))
     print(describe(meta))
     print(f"wrote {args.out}/train.beton, test.beton, meta.json")
     return 0

@@ -90,8 +90,7 @@ def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
 
     path = beton_path(spec.root, spec.split)
     reader = open_beton(path)  # validates the file before FFCV trusts it
-    meta = reader.metadata[reader.metadata.dtype.names[reader.field_names.index("image")]]
-    fixed = bool((meta["height"] == meta["height"][0]).all() and (meta["width"] == meta["width"][0]).all())
+    fixed = fixed_size(spec, reader)
     if spec.indices is not None and len(spec.indices) == 0:
         raise UserError(f"loader over {path} was given an empty index subset")
 
@@ -119,6 +118,37 @@ def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
         drop_last=spec.drop_last,
         batches_ahead=spec.batches_ahead,
     )
+
+
+def check_decode_size(spec: LoaderSpec) -> dict | None:
+    """Data stored at a decode geometry (``dbd prepare --decode-size``) must be read at
+    that decode size: any other would resample the stored square a second time. Returns
+    the dataset's meta.json (None where there is none)."""
+    if not (Path(spec.root) / "meta.json").is_file():
+        return None
+    from engine.data.prepare import load_meta
+
+    meta = load_meta(spec.root)
+    stored = int((meta.get("writer") or {}).get("decode_size") or 0)
+    if stored and stored != spec.decode_size:
+        raise UserError(f"{spec.root} was prepared at decode size {stored} (dbd prepare --decode-size) but "
+                        f"this run decodes at {spec.decode_size} (data.decode_size): set "
+                        f"data.decode_size={stored}, or prepare again with --decode-size {spec.decode_size}")
+    return meta
+
+
+def fixed_size(spec: LoaderSpec, reader) -> bool:
+    """Whether ``spec``'s data is fixed-size (CIFAR-like: delivered whole, no framing) or
+    variable-size (photos: framed by :func:`crop_ratio` and resized to the decode size).
+
+    The dataset's meta.json says so where it exists: a photo set stored at decode
+    geometry has one size throughout, yet its evaluation loader must still cut the
+    centre crop."""
+    meta = check_decode_size(spec)
+    if meta is not None and "fixed_size" in meta:
+        return bool(meta["fixed_size"])
+    image = reader.metadata[reader.metadata.dtype.names[reader.field_names.index("image")]]
+    return bool((image["height"] == image["height"][0]).all() and (image["width"] == image["width"][0]).all())
 
 
 def on_device(device: str) -> list:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.beton import write_beton
+from engine.data.decode_geometry import DEFAULT_DECODE_SIZE
 from engine.data.sources import read_source
 from engine.errors import UserError
 from engine.fsutil import write_json
@@ -23,6 +24,9 @@ class WriterSettings:
     max_resolution: int = 512
     jpeg_quality: int = 90
     num_workers: int = 0  # 0 = all cores
+    # imagefolder: store each image as its centre square at this side (the loader's
+    # training frame); 0 = source resolution, capped by max_resolution
+    decode_size: int = DEFAULT_DECODE_SIZE
 
 
 def prepare(dataset: str, source: str | None, out: str | Path, *, force: bool = False,
@@ -41,7 +45,7 @@ def prepare(dataset: str, source: str | None, out: str | Path, *, force: bool = 
 
     t0 = time.time()
     splits = read_source(dataset, source, classes_file=classes_file, size=size,
-                         max_resolution=writer.max_resolution)
+                         max_resolution=writer.max_resolution, decode_size=writer.decode_size)
     mode = writer.write_mode or ("raw" if splits.fixed_size else "jpg")
     workers = writer.num_workers or os.cpu_count() or 1
     for name, ds in (("train", splits.train), ("test", splits.test)):
@@ -74,7 +78,8 @@ def prepare(dataset: str, source: str | None, out: str | Path, *, force: bool = 
         "content_hash": splits.content_hash,
         "source": str(Path(source).resolve()) if source else None,
         "writer": {"write_mode": mode, "max_resolution": writer.max_resolution if not splits.fixed_size else None,
-                   "jpeg_quality": writer.jpeg_quality, "fields": ["image", "label", "index"]},
+                   "jpeg_quality": writer.jpeg_quality, "decode_size": splits.decode_size,
+                   "fields": ["image", "label", "index"]},
         "notes": splits.notes,
         "seconds": round(time.time() - t0, 2),
     }

@@ -4,7 +4,8 @@ One place decides what all loaders share: the decode size of variable-size data,
 ``os_cache`` and worker threads, the rank sharding, the per-epoch order, and which
 poisoning operations go into the pipeline (the training ones for the training split,
 the test ones for the poisoned test set). Stages ask for loaders by purpose and never
-build an FFCV pipeline themselves.
+build an FFCV pipeline themselves. ``data.decode_device: cuda`` swaps every loader for
+``engine.data.gpu_decode``'s (nvJPEG, the trigger on the device), same batches and order.
 """
 from __future__ import annotations
 
@@ -53,20 +54,46 @@ class RunData:
         self.dist = dist
         self.seed = seed
         self.poison = poison  # engine.attacks.runtime.PoisonRuntime, None for clean data
+        self.gpu_decode = getattr(config, "decode_device", "cpu") == "cuda"
+        if self.gpu_decode:
+            self._check_gpu_decode()
+
+    def _check_gpu_decode(self) -> None:
+        """data.decode_device=cuda decodes JPEG files with nvJPEG into a CUDA run's device."""
+        writer = self.meta.raw.get("writer") or {}
+        if self.meta.fixed_size or writer.get("write_mode", "jpg") != "jpg":
+            raise UserError(f"data.decode_device=cuda needs variable-size JPEG data, but {self.config.root} holds "
+                            f"{'fixed-size' if self.meta.fixed_size else writer.get('write_mode')} images: "
+                            f"use data.decode_device=cpu")
+        if getattr(self.dist.device, "type", str(self.dist.device)) != "cuda":
+            raise UserError("data.decode_device=cuda needs a CUDA run (device), this one runs on "
+                            f"{self.dist.device}: use data.decode_device=cpu")
 
     def _loader(self, split: str, batch_size: int, *, shuffle: bool, drop_last: bool, indices=None,
                 seed: int = 0, sharded: bool = False, train: bool, poison_ops=None):
         c = self.config
-        return make_loader(
-            LoaderSpec(root=c.root, split=split, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                       seed=seed, rank=self.dist.rank if sharded else 0,
-                       world_size=self.dist.world_size if sharded else 1, num_workers=c.num_workers,
-                       indices=indices, decode_size=c.decode_side, train=train, os_cache=c.os_cache,
-                       device=str(self.dist.device)),
-            poison=poison_ops)
+        spec = LoaderSpec(root=c.root, split=split, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          seed=seed, rank=self.dist.rank if sharded else 0,
+                          world_size=self.dist.world_size if sharded else 1, num_workers=c.num_workers,
+                          indices=indices, decode_size=c.decode_side, train=train, os_cache=c.os_cache,
+                          device=str(self.dist.device))
+        if self.gpu_decode:
+            from engine.data.gpu_decode import make_gpu_loader
+
+            return make_gpu_loader(spec, poison_ops)  # poison_ops: a DevicePoison here
+        return make_loader(spec, poison=poison_ops)
+
+    def _ops(self, split: str):
+        """The poisoning of ``split``'s loaders: FFCV operations, or for the GPU decode the
+        attack's device twin (engine.attacks.device.DevicePoison)."""
+        if self.poison is None:
+            return None
+        if self.gpu_decode:
+            return self.poison.device_ops(split)
+        return self.poison.train_ops() if split == "train" else self.poison.test_ops()
 
     def _train_ops(self):
-        return self.poison.train_ops() if self.poison is not None else None
+        return self._ops("train")
 
     def train_loader(self, per_rank_batch: int, *, indices: Sequence[int] | None = None, stream: str = "train"):
         """The (poisoned) training set or a subset of it, shuffled per epoch, sharded by rank.
@@ -91,14 +118,17 @@ class RunData:
 
     def test_loader(self, indices: Sequence[int], *, poisoned: bool):
         """Test images ``indices`` (clean, or with the test trigger)."""
-        ops = self.poison.test_ops() if poisoned and self.poison is not None else None
+        ops = self._ops("test") if poisoned else None
         return self._loader("test", EVAL_BATCH, shuffle=False, drop_last=False, indices=indices, train=False,
                             poison_ops=ops)
 
     @staticmethod
     def set_subset(loader, indices: Sequence[int]) -> None:
         """Point a loader at another subset without rebuilding it (a rebuild recompiles)."""
-        set_indices(loader, indices)
+        if hasattr(loader, "set_indices"):  # the GPU-decode loader
+            loader.set_indices(indices)
+        else:
+            set_indices(loader, indices)
 
     @staticmethod
     def epoch(loader, epoch: int) -> Iterator:

@@ -55,7 +55,8 @@ STAGES: dict[str, type["Stage"]] = {}
 # distributed settings that change the arithmetic rather than its speed.
 # engine.stages.keys resolves "dataset" and "attack".
 INPUTS: tuple[str, ...] = (
-    "dataset", "data.image_size", "data.decode_size", "data.mean", "data.std", "data.horizontal_flip",
+    "dataset", "data.image_size", "data.decode_size", "data.decode_device", "data.mean", "data.std",
+    "data.horizontal_flip",
     "attack", "model", "seed", "precision",
     "distributed.batch_semantics", "distributed.lr_scaling", "distributed.grad_clip")
 

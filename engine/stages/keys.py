@@ -11,6 +11,9 @@ computes, not how the config spells it:
 - ``attack``: the attack's shared settings and the chosen attack's own section only
   (``attack.blended`` cannot change a BadNets run); ``attack.implant_threshold`` is a
   report setting and is left out;
+- ``data.decode_device``: only when it is ``cuda`` (GPU-decoded pixels may differ
+  from the CPU decode by a level); the default ``cpu`` adds nothing, so keys made
+  before the setting existed still match;
 - every setting that names a file (a config class's ``input_files``: the Blended
   pattern image, a BadNets pattern file, the label-consistent perturbation cache and
   surrogate) is keyed by the file's sha256, never by its path: a pattern replaced at
@@ -45,6 +48,11 @@ from typing import Any
 from engine.errors import UserError
 from engine.fsutil import file_sha256
 from engine.stages.base import STAGES, stage_class
+
+# Where JPEG data is decoded: nvJPEG's pixels can differ from libjpeg's by a level, so
+# cuda is in the key; cpu (the default) is left out, which keeps the keys of stores made
+# before the setting existed.
+DECODE_DEVICE = "data.decode_device"
 
 # attack.* keys that are report settings, not inputs.
 _ATTACK_REPORT_ONLY = ("implant_threshold",)
@@ -174,6 +182,8 @@ def dependencies(cfg: dict, stage: str, *, dataset_hash: str, world_size: int = 
             deps[dotted] = dataset_hash
         elif dotted == "attack":
             deps[dotted] = _attack_inputs(_lookup(cfg, "attack"), run_dir)
+        elif dotted == DECODE_DEVICE and _lookup(cfg, dotted) == "cpu":
+            continue  # the FFCV decode every key was computed with before the setting existed
         else:
             value = _lookup(cfg, dotted)
             # A stage's section may name files (its config class's ``input_files``).

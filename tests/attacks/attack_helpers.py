@@ -41,22 +41,19 @@ def source_image(root: Path, split: str, index: int) -> np.ndarray:
 
 def expected_frame(root: Path, split: str, index: int, attack, triggered: bool, *, fixed: bool,
                    decode_size: int, train: bool) -> np.ndarray:
-    """What the loader must deliver: the reference trigger on the kept window at source
-    resolution, then (variable-size data) FFCV's crop-and-resize."""
+    """What the loader must deliver: (variable-size data) FFCV's crop-and-resize of the
+    stored image to the decode size, then the reference trigger on that frame."""
     from ffcv.fields.rgb_image import get_center_crop
     from ffcv.libffcv import resize_crop
 
     img = source_image(root, split, index)
-    if fixed:
-        return attack.apply(img[None], np.array([index]))[0] if triggered else img
-    h, w = img.shape[:2]
-    i, j, ch, cw = get_center_crop(h, w, None, crop_ratio(train))
-    if triggered:
-        window = np.ascontiguousarray(img[None, i:i + ch, j:j + cw])
-        img[i:i + ch, j:j + cw] = attack.apply(window, np.array([index]))[0]
-    out = np.zeros((decode_size, decode_size, 3), np.uint8)
-    resize_crop(img, i, i + ch, j, j + cw, out)
-    return out
+    if not fixed:
+        h, w = img.shape[:2]
+        i, j, ch, cw = get_center_crop(h, w, None, crop_ratio(train))
+        out = np.zeros((decode_size, decode_size, 3), np.uint8)
+        resize_crop(img, i, i + ch, j, j + cw, out)
+        img = out
+    return attack.apply(img[None], np.array([index]))[0] if triggered else img
 
 
 def load(root: Path, split: str, poison=None, *, indices=None, shuffle=False, batch_size=64, decode_size=32,

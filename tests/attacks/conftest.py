@@ -1,4 +1,5 @@
-"""Fixtures of the attack tests: a JPEG ImageFolder set and the same photos stored raw."""
+"""Fixtures of the attack tests: a JPEG ImageFolder set at source resolution, the same
+photos stored raw, and stored at a decode geometry."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,10 +17,20 @@ def photo_tree(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def jpeg_root(photo_tree, tmp_path_factory) -> Path:
-    from engine.data.prepare import prepare
+    from engine.data.prepare import WriterSettings, prepare
 
     out = tmp_path_factory.mktemp("jpeg")
-    prepare("imagefolder", str(photo_tree), out, progress=False)
+    prepare("imagefolder", str(photo_tree), out, progress=False, writer=WriterSettings(decode_size=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def jpeg48_root(photo_tree, tmp_path_factory) -> Path:
+    """The photos stored as JPEG at decode geometry 48 (``dbd prepare --decode-size 48``)."""
+    from engine.data.prepare import WriterSettings, prepare
+
+    out = tmp_path_factory.mktemp("jpeg48")
+    prepare("imagefolder", str(photo_tree), out, progress=False, writer=WriterSettings(decode_size=48))
     return out
 
 
@@ -29,5 +40,5 @@ def raw_var_root(photo_tree, tmp_path_factory) -> Path:
     from engine.data.prepare import WriterSettings, prepare
 
     out = tmp_path_factory.mktemp("rawvar")
-    prepare("imagefolder", str(photo_tree), out, progress=False, writer=WriterSettings(write_mode="raw"))
+    prepare("imagefolder", str(photo_tree), out, progress=False, writer=WriterSettings(write_mode="raw", decode_size=0))
     return out

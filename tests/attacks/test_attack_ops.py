@@ -120,8 +120,13 @@ def test_ops_refuse_a_dataset_of_another_length(digits_root, digits_runtime):
 # --------------------------------------------------------------------------- JPEG
 
 
-@pytest.mark.parametrize("name", ATTACKS)
-def test_jpeg_decoder_matches_reference(jpeg_root, tmp_path, name):
+# Every attack on source-resolution JPEGs; a patch and a warp on JPEGs stored at the
+# decode geometry (48 px squares, `dbd prepare --decode-size 48`).
+@pytest.mark.parametrize("name,stored", [(a, "jpeg_root") for a in ATTACKS]
+                         + [("badnets", "jpeg48_root"), ("wanet", "jpeg48_root")])
+def test_jpeg_decoder_matches_reference(request, tmp_path, name, stored):
+    """Either way the trigger is drawn on the 48 px frame after the crop and resize."""
+    jpeg_root = request.getfixturevalue(stored)
     extra = ["data.decode_size=48", "attack.target=1"]
     if name in ("badnets", "blended", "wanet"):
         extra.append("attack.ratio=0.5")  # 4 of the 8 non-target training photos

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.data.loaders import LoaderSpec, make_loader
-from engine.data.prepare import prepare
+from engine.data.prepare import WriterSettings, prepare
 from engine.errors import UserError
 from tests.builders import tar_folder, write_cifar_folder, write_gtsrb, write_imagefolder
 
@@ -70,7 +70,8 @@ def test_imagefolder_jpeg_round_trip_with_class_subset(tmp_path):
     src = write_imagefolder(tmp_path / "tree")
     classes = tmp_path / "classes.txt"
     classes.write_text("fish\ncat\n")
-    meta = prepare("imagefolder", str(src), tmp_path / "out", classes_file=str(classes), progress=False)
+    meta = prepare("imagefolder", str(src), tmp_path / "out", classes_file=str(classes), progress=False,
+                   writer=WriterSettings(decode_size=0))
     assert meta["classes"] == ["fish", "cat"] and meta["writer"]["write_mode"] == "jpg"
     assert meta["fixed_size"] is False and meta["splits"]["train"]["count"] == 6
     # The tree's own sizes are kept (40-90 px crops), not resized.
@@ -84,6 +85,50 @@ def test_imagefolder_jpeg_round_trip_with_class_subset(tmp_path):
         ref = np.asarray(Image.fromarray(ref[t:t + s, l:l + s].astype(np.uint8)).resize((32, 32), Image.BOX), np.float32)
         # JPEG re-encoding and a different resampler: close, not equal.
         assert np.abs(img.astype(np.float32) - ref).mean() < 12
+
+
+def test_imagefolder_at_decode_geometry(tmp_path):
+    """`--decode-size 40`: every image stored as its centre square at 40 px by FFCV's own
+    crop-and-resize, so the training frame is the stored image; the evaluation frame
+    covers the same source region as from source-resolution storage."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from engine.data.decode_geometry import to_decode_geometry
+
+    src = write_imagefolder(tmp_path / "tree")
+    meta = prepare("imagefolder", str(src), tmp_path / "d40", progress=False, writer=WriterSettings(decode_size=40))
+    prepare("imagefolder", str(src), tmp_path / "full", progress=False, writer=WriterSettings(decode_size=0))
+    assert meta["writer"]["decode_size"] == 40 and meta["fixed_size"] is False
+    assert meta["splits"]["train"]["height"] == [40, 40] and meta["splits"]["train"]["width"] == [40, 40]
+    x, y, _ = read_all(tmp_path / "d40", "train", decode_size=40, train=True)
+    paths = sorted((src / "train").glob("*/*.jpg"))
+    for img, p in zip(x, paths):
+        # The oracle: PIL's decode of the source file, FFCV's centre square and INTER_AREA
+        # resize, then the writer's JPEG encode (OpenCV, quality 90) decoded by PIL: equal
+        # up to the two decoders' chroma upsampling (FFCV's differs from PIL's by a few
+        # levels at colour edges; without the encode in the oracle the mean is 4 levels).
+        square = to_decode_geometry(np.asarray(Image.open(p).convert("RGB")), 40)
+        ok, blob = cv2.imencode(".jpg", cv2.cvtColor(square, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        want = np.asarray(Image.open(io.BytesIO(blob.tobytes())).convert("RGB"), dtype=np.int16)
+        diff = np.abs(img.astype(np.int16) - want)
+        assert ok and diff.mean() < 1.5 and diff.max() <= 8
+    for train in (True, False):
+        stored, _, _ = read_all(tmp_path / "d40", "test", decode_size=40, train=train)
+        source, _, _ = read_all(tmp_path / "full", "test", decode_size=40, train=train)
+        # Same framing: the two routes differ by where the JPEG encode happens (and, for
+        # the evaluation crop, a second resample), never by a shifted or scaled region.
+        assert np.abs(stored.astype(np.float32) - source.astype(np.float32)).mean() < 6
+    # Mismatched decode sizes would resample the stored square twice: one clear error.
+    with pytest.raises(UserError, match="prepared at decode size 40.*data.decode_size=40"):
+        read_all(tmp_path / "d40", "train", decode_size=32)
+    with pytest.raises(UserError, match="exceeds --max-resolution"):
+        prepare("imagefolder", str(src), tmp_path / "bad", progress=False,
+                writer=WriterSettings(decode_size=600, max_resolution=512))
+    # The geometry is part of the data's identity (stage keys and poison plans use it).
+    assert meta["content_hash"] != json.loads((tmp_path / "full" / "meta.json").read_text())["content_hash"]
 
 
 def test_digits_is_real_and_fixed(digits_root):
@@ -154,6 +199,24 @@ def test_cli_prepare_then_inspect(tmp_path, capsys):
     assert {int(k): v for k, v in out["label_histogram"].items()} == {c: int(n) for c, n in enumerate(expect) if n}
     r = run_cli("inspect", str(tmp_path / "d" / "train.beton"))
     assert "60 samples" in r.stdout and "cat" in r.stdout
+
+
+def test_prepare_exits_when_pinned_to_one_cpu(tmp_path):
+    """numba's TBB layer deadlocked at interpreter exit on one CPU (numba/numba#10556):
+    `dbd prepare` wrote everything and never returned. The engine selects numba's OpenMP
+    layer (engine/__init__.py); a user's own choice is kept."""
+    import os
+
+    folder, _, _ = write_cifar_folder(tmp_path / "src")
+    one_cpu = {min(os.sched_getaffinity(0))}
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    proc = subprocess.run([sys.executable, "-m", "engine", "prepare", "cifar10", "--source", str(folder),
+                           "--out", str(tmp_path / "d"), "--no-progress"], capture_output=True, text=True,
+                          env=env, preexec_fn=lambda: os.sched_setaffinity(0, one_cpu), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    probe = subprocess.run([sys.executable, "-c", "import engine, numba; print(numba.config.THREADING_LAYER)"],
+                           capture_output=True, text=True, env={**env, "NUMBA_THREADING_LAYER": "workqueue"})
+    assert probe.stdout.strip() == "workqueue"
 
 
 @pytest.mark.parametrize("cut", [10, 0.5, -7])

@@ -43,6 +43,9 @@ class SourceSplits:
     content_hash: str
     fixed_size: bool  # True: every image has the same size (written raw)
     notes: dict = field(default_factory=dict)
+    # Variable-size sources stored at the loader's decode geometry (a square of this
+    # side, engine/data/decode_geometry.py); 0: stored at source resolution.
+    decode_size: int = 0
 
 
 class ContentHasher:
