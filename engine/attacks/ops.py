@@ -19,13 +19,14 @@ from dataclasses import replace
 from typing import Callable
 
 import numpy as np
-from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, SimpleRGBImageDecoder, get_center_crop
-from ffcv.libffcv import imdecode, memcpy, resize_crop
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+from ffcv.libffcv import imdecode, memcpy
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from numba import carray
 
 from engine.attacks.base import Attack, as_bytes_pointer
+from engine.data.decoders import CentreFrameDecoder
 from engine.errors import UserError
 
 
@@ -185,8 +186,9 @@ class LabelOp(Operation):
         return relabel
 
 
-class TriggerDecoder(ResizedCropRGBImageDecoder):
-    """Decode, crop and resize to the decode size, then trigger the decoded frame.
+class TriggerDecoder(CentreFrameDecoder):
+    """Decode, crop and resize to the decode size (engine.data.decoders), then trigger
+    the decoded frame.
 
     ``ratio`` is the crop side over the shorter image side (1.0: the full centre
     square; 224/256: Resize(256) + CenterCrop(224)), as in FFCV's
@@ -199,56 +201,16 @@ class TriggerDecoder(ResizedCropRGBImageDecoder):
     """
 
     def __init__(self, output_size: tuple[int, int], ratio: float, attack: Attack, selected: np.ndarray):
-        super().__init__(output_size)
-        self.scale = None
-        self.ratio = ratio
+        super().__init__(output_size, ratio)
         self.attack = attack
         self.selected = np.ascontiguousarray(selected, dtype=np.uint8)
-
-    @property
-    def get_crop_generator(self):
-        return get_center_crop
 
     def declare_state_and_memory(self, previous_state):
         _check_length(self.metadata, self.selected, f"the {self.attack.name} trigger decoder")
         return super().declare_state_and_memory(previous_state)
 
-    def generate_code(self) -> Callable:
-        jpg = IMAGE_MODES["jpg"]
-        mem_read = self.memory_read
-        my_range = Compiler.get_iterator()
-        # Compiled per decoder, as FFCV's own decoders do: numba dispatchers of these
-        # ctypes wrappers shared between pipelines lose their overloads (KeyError inside
-        # the loader thread, and the loader then waits forever).
-        imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
-        get_crop_c = Compiler.compile(get_center_crop)
-        kernel = compiled_kernel(self.attack)
-        selected = self.selected
-        ratio = self.ratio
-
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
-            for dst_ix in my_range(len(batch_indices)):
-                source_ix = batch_indices[dst_ix]
-                field = metadata[source_ix]
-                image_data = mem_read(field["data_ptr"], storage_state)
-                height = np.uint32(field["height"])
-                width = np.uint32(field["width"])
-                i, j, h, w = get_crop_c(height, width, None, ratio)
-                if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    image = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
-                    resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
-                else:  # raw: the memory-mapped source is only read
-                    resize_crop_c(image_data.reshape(height, width, 3), i, i + h, j, j + w, destination[dst_ix])
-                if selected[source_ix] != 0:
-                    kernel(destination[dst_ix], source_ix)
-            return destination[:len(batch_indices)]
-
-        decode.is_parallel = True
-        return decode
+    def frame_trigger(self):
+        return compiled_kernel(self.attack), self.selected
 
 
 class AttackOps:

@@ -84,7 +84,9 @@ def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
 
     neutralise_ffcv()
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+
+    from engine.data.decoders import CentreFrameDecoder
     from ffcv.loader import Loader
     from ffcv.transforms import Squeeze, ToTensor
 
@@ -101,7 +103,7 @@ def make_loader(spec: LoaderSpec, poison: PoisonOps | None = None):
         if fixed:
             decoder = SimpleRGBImageDecoder()
         else:
-            decoder = CenterCropRGBImageDecoder((spec.decode_size, spec.decode_size), ratio=crop_ratio(spec.train))
+            decoder = CentreFrameDecoder((spec.decode_size, spec.decode_size), crop_ratio(spec.train))
     image_pipe = [decoder] + image_ops + [ToTensor()]
     label_pipe = [IntDecoder()] + (poison.label_ops() if poison else []) + [ToTensor(), Squeeze(1)]
     image_pipe, label_pipe = image_pipe + on_device(spec.device), label_pipe + on_device(spec.device)
