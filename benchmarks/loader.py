@@ -37,11 +37,11 @@ from benchmarks.harness import alternate, comparison, measurement, pin_torch_thr
 FULL = dict(cifar_n=5120, simclr_batch=512, weak_batch=128, jpeg_n=128, jpeg_batch=32, reps=3, loader_reps=5,
             jpeg_reps=3, loader_epochs=20, reference_loader_epochs=2, jpeg_loader_epochs=4, jpeg_poison=True,
             warmup=1, attack_n=20_000, attack_batch=512, attack_reps=31, attack_epochs=5, jpeg_attack_n=1024,
-            jpeg_attack_reps=11)
+            jpeg_attack_reps=15, jpeg_attack_epochs=3)
 QUICK = dict(cifar_n=256, simclr_batch=64, weak_batch=64, jpeg_n=32, jpeg_batch=16, reps=1, loader_reps=1,
              jpeg_reps=1, loader_epochs=2, reference_loader_epochs=1, jpeg_loader_epochs=1, jpeg_poison=False,
              warmup=0, attack_n=256, attack_batch=64, attack_reps=1, attack_epochs=1, jpeg_attack_n=32,
-            jpeg_attack_reps=1)
+            jpeg_attack_reps=1, jpeg_attack_epochs=1)
 POISON_RATIO = 0.1
 ATTACKS = ("badnets", "blended", "wanet")
 
@@ -192,7 +192,8 @@ def trigger_by_attack(s: dict, workers: int, jpeg: bool = False) -> dict:
     from benchmarks.synthetic import cifar_like, imagenet_like, poison_runtime
 
     if jpeg:
-        bench, batch, reps, epochs = imagenet_like(s["jpeg_attack_n"]), s["jpeg_batch"], s["jpeg_attack_reps"], 1
+        bench, batch, reps = imagenet_like(s["jpeg_attack_n"]), s["jpeg_batch"], s["jpeg_attack_reps"]
+        epochs = s["jpeg_attack_epochs"]
         image_size, decode_size = 224, 256
     else:
         bench, batch, reps, epochs = cifar_like(s["attack_n"]), s["attack_batch"], s["attack_reps"], s["attack_epochs"]
