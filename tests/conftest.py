@@ -31,6 +31,29 @@ def pytest_configure(config):
     os.environ["OMP_NUM_THREADS"] = str(len(share))
 
 
+# Test files that take minutes, longest first (fresh-clone `make test`, 2026-12-07). Under
+# xdist's --dist loadfile a file runs on one worker; started last, the longest one ran on
+# alone for about 5 minutes while the other worker idled. Started first, they overlap
+# with everything else.
+LONG_FILES = (
+    "sweep/test_sweep_kill.py", "stages/test_compiled_steps.py", "benchmarks/test_bench_quick.py",
+    "runtime/test_launchers.py", "benchmarks/test_gpu_smoke.py", "stages/test_deepspeed_stages.py",
+    "sweep/test_sweep_run.py", "test_pipeline.py", "runtime/test_threads.py", "sweep/test_slurm_cluster.py",
+    "kernels/test_kernels_triton.py", "benchmarks/test_bench_scale.py")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        try:
+            rel = Path(item.path).resolve().relative_to(TESTS).as_posix()
+        except ValueError:
+            return len(LONG_FILES)
+        return LONG_FILES.index(rel) if rel in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: every other test keeps its order
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     from engine.data.prepare import prepare
