@@ -37,10 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import measurement, pin_torch_threads, rate
+from benchmarks.synthetic import JPEG_QUALITY, NUM_CLASSES, photo_crop
 
 TREE_FORMAT = 1
-NUM_CLASSES = 10
-JPEG_QUALITY = 90
 POISON_RATIO = 0.1
 ATTACKS = ("badnets", "blended", "wanet")
 
@@ -84,17 +83,9 @@ def _init_writer() -> None:
 
 
 def _crop(i: int, seed: int) -> np.ndarray:
-    """Crop ``i``: the geometry of ``benchmarks.synthetic._photo_crops`` (about 400x350,
-    sizes vary, half mirrored), seeded per index so any worker can draw any crop."""
-    img = _PHOTOS[i % len(_PHOTOS)]
-    rng = np.random.default_rng([seed, i])
-    h, w = int(rng.integers(330, 371)), int(rng.integers(380, 421))
-    top = int(rng.integers(0, img.shape[0] - h + 1))
-    left = int(rng.integers(0, img.shape[1] - w + 1))
-    crop = img[top:top + h, left:left + w]
-    if rng.random() < 0.5:
-        crop = crop[:, ::-1]
-    return np.ascontiguousarray(crop)
+    """Crop ``i``: ``benchmarks.synthetic.photo_crop`` (about 400x350, sizes vary, half
+    mirrored), seeded per index so any worker can draw any crop."""
+    return photo_crop(_PHOTOS[i % len(_PHOTOS)], np.random.default_rng([seed, i]))
 
 
 def _write_chunk(job: tuple[str, int, int, int]) -> tuple[int, int]:

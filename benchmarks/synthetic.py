@@ -108,17 +108,19 @@ def _photo_crops(n: int, seed: int) -> list[np.ndarray]:
 
     photos = load_sample_images().images  # two 427x640 photos
     rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        img = photos[i % len(photos)]
-        h, w = int(rng.integers(330, 371)), int(rng.integers(380, 421))
-        top = int(rng.integers(0, img.shape[0] - h + 1))
-        left = int(rng.integers(0, img.shape[1] - w + 1))
-        crop = img[top:top + h, left:left + w]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        out.append(np.ascontiguousarray(crop))
-    return out
+    return [photo_crop(photos[i % len(photos)], rng) for i in range(n)]
+
+
+def photo_crop(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A crop of about 400x350 (sizes vary, as real ImageNet's do) from ``img``, mirrored
+    half the time, drawn from ``rng``."""
+    h, w = int(rng.integers(330, 371)), int(rng.integers(380, 421))
+    top = int(rng.integers(0, img.shape[0] - h + 1))
+    left = int(rng.integers(0, img.shape[1] - w + 1))
+    crop = img[top:top + h, left:left + w]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return np.ascontiguousarray(crop)
 
 
 def imagenet_like(n: int, seed: int = 0, decode_size: int = 256) -> BenchSet:
