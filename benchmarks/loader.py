@@ -103,19 +103,14 @@ def _decode_only(bench, workers: int):
     from ffcv.libffcv import imdecode
     from numba import njit, prange
 
-    from engine.data.beton import open_beton
+    from engine.data.gpu_decode import JpegBeton
     from engine.data.loaders import beton_path
 
-    reader = open_beton(beton_path(bench.root, "train"))
-    meta = reader.metadata[reader.metadata.dtype.names[reader.field_names.index("image")]]
-    table = reader.alloc_table
-    order = np.argsort(table["ptr"])
-    sorted_ptrs, sorted_sizes = table["ptr"][order], table["size"][order]
-    ptrs = np.ascontiguousarray(meta["data_ptr"], dtype=np.uint64)
-    sizes = sorted_sizes[np.searchsorted(sorted_ptrs, ptrs)].astype(np.uint64)
-    heights = np.ascontiguousarray(meta["height"], dtype=np.uint32)
-    widths = np.ascontiguousarray(meta["width"], dtype=np.uint32)
-    data = np.memmap(reader.file_name, dtype=np.uint8, mode="r")
+    # Where each sample's JPEG bytes lie: the same reading the GPU-decode loader uses.
+    beton = JpegBeton(beton_path(bench.root, "train"))
+    ptrs, sizes = beton.ptrs.astype(np.uint64), beton.sizes.astype(np.uint64)
+    heights, widths = beton.heights.astype(np.uint32), beton.widths.astype(np.uint32)
+    data = beton.data
     decode_one = njit(nogil=True)(imdecode)
 
     @njit(parallel=True, nogil=True)

@@ -16,6 +16,7 @@ maps are the identity.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,7 +30,7 @@ from engine.errors import UserError
 TWINS: dict[str, type["DeviceTrigger"]] = {}
 
 
-class DeviceTrigger:
+class DeviceTrigger(ABC):
     """An attack's trigger on uint8 NHWC tensors of one device."""
 
     attack_name: ClassVar[str]
@@ -51,14 +52,14 @@ class DeviceTrigger:
                                 for k, v in self.build_tables(h, w).items()}
         return self._cache[key]
 
+    @abstractmethod
     def build_tables(self, h: int, w: int) -> dict[str, np.ndarray]:
         """NumPy tables at window size (h, w)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def trigger(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """A triggered copy of every image (``indices``: their dataset indices, int64, on
         the images' device)."""
-        raise NotImplementedError
 
     def __call__(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
