@@ -473,6 +473,52 @@ def _decode_cases(p: "_Progress", dev, smoke: bool) -> None:
             p.data.setdefault("decode_ratios", {})[f"decode/{label}/device_vs_cpu"] = dv / cp
         p.save()
     pool.shutdown()
+    _trigger_twin_cases(p, dev, size, batch, s["reps"])
+
+
+def _trigger_twin_cases(p: "_Progress", dev, size: int, batch: int, reps: int) -> None:
+    """data.trigger_device=device: each attack's device twin on a batch of ``size`` px
+    frames, every image triggered (WaNet: half of them noise-mode), in images/s. On a GPU
+    this is what the CPU loader saves per triggered image (benchmarks loader times the
+    same twins on the CPU)."""
+    import numpy as np
+    import torch
+
+    from engine.attacks.badnets import BadNets, BadNetsConfig
+    from engine.attacks.blended import Blended, BlendedConfig, make_pattern
+    from engine.attacks.device import device_twin
+    from engine.attacks.sig import SIG, SIGConfig
+    from engine.attacks.wanet import WaNet, WaNetConfig
+
+    frame = (size, size)
+    blended = BlendedConfig()
+    attacks = {"badnets": BadNets.from_config(BadNetsConfig()),
+               "blended": Blended(make_pattern(blended.pattern, frame, blended.pattern_seed, blended.resample),
+                                  blended.alpha),
+               "sig": SIG(size, SIGConfig().delta, SIGConfig().f),
+               "wanet": WaNet.build(WaNetConfig(), frame, noise=np.arange(batch) % 2 == 0)}
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+    images = images.to(dev)
+    positions = torch.arange(batch, device=dev)
+    for name, attack in attacks.items():
+        twin = device_twin(attack)
+
+        def timed(twin=twin):
+            twin(images.clone(), positions)  # warm-up: the twin's tables on the device
+            sync(dev)
+            rates = []
+            for _ in range(max(reps, 3)):
+                x = images.clone()
+                sync(dev)
+                t0 = time.perf_counter()
+                twin(x, positions)
+                sync(dev)
+                rates.append(batch / (time.perf_counter() - t0))
+            return {"unit": "images/s", "images": batch, "frame": size, "device": str(dev),
+                    **measurement("images/s", rates)}
+
+        p.case(f"trigger_twin/{name}/{size}px", timed, kind="decode")
+    p.save()
 
 
 def phase_views(smoke: bool, deadline: float, progress: str | None = None) -> dict:

@@ -28,6 +28,7 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
 DECODE_DEVICES = ("cpu", "cuda")
+TRIGGER_DEVICES = ("loader", "device")
 
 
 @dataclass
@@ -51,6 +52,11 @@ class DataConfig:
     # data and a CUDA run; its pixels may differ from the CPU decode by a level (nvJPEG's
     # IDCT), so it is part of every stage's key.
     decode_device: str = "cpu"
+    # Where the trigger is drawn: loader (in FFCV's decoding threads, the default) |
+    # device (on the run's device right after the batch arrives: engine/data/
+    # device_trigger.py). The device twins are pixel-exact, so this changes only speed;
+    # with decode_device=cuda the trigger is always drawn on the device.
+    trigger_device: str = "loader"
 
     @property
     def decode_side(self) -> int:
@@ -65,6 +71,8 @@ class DataConfig:
         check(all(s > 0 for s in self.std), "data.std", "must be positive")
         check(self.decode_device in DECODE_DEVICES, "data.decode_device",
               f"must be one of {', '.join(DECODE_DEVICES)}, got {self.decode_device!r}")
+        check(self.trigger_device in TRIGGER_DEVICES, "data.trigger_device",
+              f"must be one of {', '.join(TRIGGER_DEVICES)}, got {self.trigger_device!r}")
 
 
 @dataclass

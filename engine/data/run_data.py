@@ -5,7 +5,9 @@ One place decides what all loaders share: the decode size of variable-size data,
 poisoning operations go into the pipeline (the training ones for the training split,
 the test ones for the poisoned test set). Stages ask for loaders by purpose and never
 build an FFCV pipeline themselves. ``data.decode_device: cuda`` swaps every loader for
-``engine.data.gpu_decode``'s (nvJPEG, the trigger on the device), same batches and order.
+``engine.data.gpu_decode``'s (nvJPEG, the trigger on the device), same batches and order;
+``data.trigger_device: device`` keeps the CPU decode and draws the trigger on the device
+(``engine.data.device_trigger``), same pixels.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from engine.data.device_trigger import DeviceSideOps, DeviceTriggeredLoader, LabelOnlyOps
 from engine.data.loaders import LoaderSpec, make_loader, set_indices
 from engine.errors import UserError
 
@@ -55,6 +58,7 @@ class RunData:
         self.seed = seed
         self.poison = poison  # engine.attacks.runtime.PoisonRuntime, None for clean data
         self.gpu_decode = getattr(config, "decode_device", "cpu") == "cuda"
+        self.trigger_on_device = getattr(config, "trigger_device", "loader") == "device"
         if self.gpu_decode:
             self._check_gpu_decode()
 
@@ -81,6 +85,9 @@ class RunData:
             from engine.data.gpu_decode import make_gpu_loader
 
             return make_gpu_loader(spec, poison_ops)  # poison_ops: a DevicePoison here
+        if isinstance(poison_ops, DeviceSideOps):
+            return DeviceTriggeredLoader(make_loader(spec, poison=LabelOnlyOps(poison_ops.loader_ops)),
+                                         poison_ops.device)
         return make_loader(spec, poison=poison_ops)
 
     def _ops(self, split: str):
@@ -90,7 +97,10 @@ class RunData:
             return None
         if self.gpu_decode:
             return self.poison.device_ops(split)
-        return self.poison.train_ops() if split == "train" else self.poison.test_ops()
+        ops = self.poison.train_ops() if split == "train" else self.poison.test_ops()
+        if ops is not None and self.trigger_on_device:
+            return DeviceSideOps(ops, self.poison.device_ops(split))
+        return ops
 
     def _train_ops(self):
         return self._ops("train")

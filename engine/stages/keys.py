@@ -67,6 +67,7 @@ SPEED_ONLY: tuple[str, ...] = (
     "runtime",  # torch's intra-op threads: the count is recorded in done.json (see README)
     "data.num_workers",  # FFCV decoding threads: order and content are seeded per sample
     "data.os_cache",  # page-cache policy of the .beton reader
+    "data.trigger_device",  # loader or device: the device twins are pixel-exact (tests/attacks)
     "distributed.process_group",  # gloo | nccl carries the same sums
     "distributed.timeout_s",  # how long a dead rank is waited for
     "distributed.checkpoint_every",  # resume is exact (tests/stages/test_stage_steps.py)

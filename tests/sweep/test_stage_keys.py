@@ -203,7 +203,8 @@ def test_label_consistent_cache_keyed_by_content(tmp_path):
 def test_speed_only_keys_share_stages():
     base = cfg_with()
     for override in ("data.num_workers=1", "data.root=/elsewhere", "runtime.threads=1", "logging.log_every=3",
-                     "distributed.checkpoint_every=7", "distributed.process_group=gloo"):
+                     "distributed.checkpoint_every=7", "distributed.process_group=gloo",
+                     "data.trigger_device=device"):
         for stage in EXPECTED:
             assert stage_key(cfg_with(override), stage, dataset_hash="h") == stage_key(base, stage, dataset_hash="h"), \
                 (override, stage)
