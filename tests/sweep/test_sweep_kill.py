@@ -6,7 +6,7 @@ data, BadNets, Blended and WaNet, each without a defense and with DBD, plus a
 ``finetune.epsilon`` axis whose cells share the baseline, SimCLR and the linear stage
 through the stage store; a few steps per stage, mid-epoch checkpoints every 2 steps.
 
-The kill schedule is seeded. Its first kills fall at random wall-clock moments; the
+The kill schedule is seeded. Its first kill falls at a random wall-clock moment; the
 others wait for a write of a given kind to begin (a store entry's ``key.json``, a
 checkpoint file, a stage's ``done.json``, the sweep's ``cells.json``) and kill inside
 it: with ``DBD_WRITE_TRACE`` every atomic write logs its begin and end
@@ -51,7 +51,10 @@ TINY = {
 }
 GRID = {"attack.name": ATTACKS, "defense": ["none", "dbd"], "finetune.epsilon": [0.5, 0.3]}
 SCHEDULE_SEED = 22
-RANDOM_KILLS = 3  # at random moments, then one inside each kind of write below
+# One kill at a random moment (inside the training work), then one inside each kind of
+# write below: five kills, as the proof asks. Each kill costs a restart (about 20 s on
+# 2 cores), so the random kills were cut from 3 to 1 to keep `make test` short.
+RANDOM_KILLS = 1
 WRITE_KINDS = {"store key.json": "/key.json", "checkpoint": "/checkpoints/", "done.json": "/done.json",
                "cells.json": "/cells.json"}
 PAUSE_S = "0.3"
