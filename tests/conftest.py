@@ -8,7 +8,8 @@ import pytest
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (``make test`` runs ``-n 2``), give each worker its own cores.
+    """Under pytest-xdist (``make test`` runs one worker per core plus one), give each
+    worker its own cores, or with more workers than cores one core each, in turn.
 
     The engine sets torch's threads to the cores a process may run on (``runtime.threads``
     0, see engine/runtime/threads.py), so two workers that both saw every core would each
@@ -23,9 +24,10 @@ def pytest_configure(config):
     index = int(worker.removeprefix("gw"))
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cores = sorted(os.sched_getaffinity(0))
-    if workers > len(cores):
-        return  # more workers than cores: nothing sensible to pin
-    share = set(cores[index::workers])
+    # More workers than cores (make test runs one more worker than there are cores, so
+    # that one worker's waits on timeouts and launchers are filled): one core each, in
+    # turn, so every process still runs one thread per core it may use.
+    share = {cores[index % len(cores)]} if workers > len(cores) else set(cores[index::workers])
     for task in os.listdir("/proc/self/task"):  # every thread already started, not just this one
         os.sched_setaffinity(int(task), share)
     os.environ["OMP_NUM_THREADS"] = str(len(share))
