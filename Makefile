@@ -18,7 +18,7 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 DEMO_DATA := data/digits
 DEMO_RUN := runs/demo
 
-.PHONY: setup sysdeps test-sysdeps demo test bench clean
+.PHONY: setup sysdeps test-sysdeps demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,9 @@ $(STAMP): constraints.txt pyproject.toml | sysdeps
 demo: setup
 	@test -f $(DEMO_DATA)/meta.json || $(VENV)/bin/dbd prepare digits --out $(DEMO_DATA)
 	$(VENV)/bin/dbd run configs/demo/digits_badnets_dbd.yaml run_dir=$(DEMO_RUN)
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test: setup test-sysdeps
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests

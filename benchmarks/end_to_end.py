@@ -112,7 +112,7 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     from engine.data.sources import read_source
     from engine.losses.sce import symmetric_cross_entropy
     from engine.runtime.launch import shutdown
-    from engine.stages.split import select_lowest
+    from engine.defenses.dbd.split import select_lowest
 
     s = QUICK if quick else FULL
     t_start = time.perf_counter()

@@ -111,9 +111,17 @@ SIZES = {
         distributed=dict(width=4, n_train=64, batch=16, finetune_batch=8, steps=3),
     ),
 }
-DIST_STAGES = ("pretrain", "supervised", "linear", "finetune", "finetune_labelled")
+
+
+def dist_stages() -> tuple[str, ...]:
+    """Every registered stage, each after those it needs (the registry: a new defense's
+    stages are checked without editing this file)."""
+    from engine.stages.base import stages_in_order
+
+    return stages_in_order()
+
 # Stages whose step is the same computation on 1 and on N processes (views drawn for the
-# global batch, engine/stages/pretrain.py); the others draw their views per rank.
+# global batch, engine/defenses/dbd/pretrain.py); the others draw their views per rank.
 RANK_INVARIANT = ("pretrain",)
 CLASSES = 10
 IMAGENET_NORM = ["data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]"]
@@ -418,7 +426,7 @@ def _decode_cases(p: "_Progress", dev, smoke: bool) -> None:
     import numpy as np
     import torch
 
-    from engine.attacks.badnets import BadNets, BadNetsConfig
+    from engine.attacks.triggers.badnets import BadNets, BadNetsConfig
     from engine.attacks.device import device_twin
     from engine.data.gpu_decode import decode_batch
 
@@ -484,11 +492,11 @@ def _trigger_twin_cases(p: "_Progress", dev, size: int, batch: int, reps: int) -
     import numpy as np
     import torch
 
-    from engine.attacks.badnets import BadNets, BadNetsConfig
-    from engine.attacks.blended import Blended, BlendedConfig, make_pattern
+    from engine.attacks.triggers.badnets import BadNets, BadNetsConfig
+    from engine.attacks.triggers.blended import Blended, BlendedConfig, make_pattern
     from engine.attacks.device import device_twin
-    from engine.attacks.sig import SIG, SIGConfig
-    from engine.attacks.wanet import WaNet, WaNetConfig
+    from engine.attacks.triggers.sig import SIG, SIGConfig
+    from engine.attacks.triggers.wanet import WaNet, WaNetConfig
 
     frame = (size, size)
     blended = BlendedConfig()
@@ -695,7 +703,7 @@ def _time_step(case, precision: str, s: dict, dist, peak: float, work: Path) -> 
     host = _map(first, lambda t: t.pin_memory()) if cuda else first
     copy_bytes = sum(t.numel() * t.element_size() for t in _tensors(host))
 
-    def copy():
+    def copy(host=host):
         return _map(host, lambda t: t.to(dev, non_blocking=True))
 
     warm, timed = s["warmup"], s["timed"][family]
@@ -746,7 +754,7 @@ def _time_step(case, precision: str, s: dict, dist, peak: float, work: Path) -> 
         "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if cuda else None,
         "loss": loss, "loss_finite": math.isfinite(loss),
     }
-    del stage, data, host, first
+    del stage, data, host, first, copy
     _free_memory()
     return result
 
@@ -859,7 +867,7 @@ def distributed_rank(smoke: bool, group: str, probe_nccl: bool, progress: str | 
     p = _Progress(progress if dist.is_main else None, float("inf"))
     p.data = out
     try:
-        for name in DIST_STAGES:
+        for name in dist_stages():
             try:
                 out["runs"][name] = _dist_stage(cfg, name, work, dist, data, s["steps"])
             except Exception as e:  # recorded; the ranks fail alike, so the next stage still lines up
@@ -878,7 +886,7 @@ def distributed_rank(smoke: bool, group: str, probe_nccl: bool, progress: str | 
 
 def _compare(one: dict, two: dict) -> dict:
     out = {}
-    for name in DIST_STAGES:
+    for name in dist_stages():
         a, b = one.get("runs", {}).get(name, {}), two.get("runs", {}).get(name, {})
         if "losses" not in a or "losses" not in b:
             out[name] = {"compared": False, "reason": a.get("error") or b.get("error") or "no run"}
@@ -941,7 +949,7 @@ def phase_distributed(smoke: bool, deadline: float, progress: str | None = None,
     p.data["failed_runs"] = [f"{ws}/{stage}" for ws, r in p.data["results"].items()
                              for stage, got in (r.get("runs") or {}).items() if "error" in got]
     p.data["comparison"] = _compare(one, two)
-    p.data["settings"] = {**SIZES[_mode(smoke)]["distributed"], "stages": DIST_STAGES,
+    p.data["settings"] = {**SIZES[_mode(smoke)]["distributed"], "stages": dist_stages(),
                           "ws1_process_group": group1, "ws2_process_group": "gloo", "cross_tolerance": CROSS_TOL,
                           "cross_tight_steps": CROSS_FIRST, "cross_later_tolerance": CROSS_LATER_TOL,
                           "numerics": "fp32, TF32 and cuDNN autotuning off"}

@@ -316,7 +316,7 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
     eng_c = _engine_loader(cost_set, s["jpeg_batch"], workers, 256, rt_c.train_ops() if rt_c else None)
     decode = _decode_only(cost_set, workers)
     c_ep = s["jpeg_cost_epochs"]
-    r = alternate({"loader": _epochs(lambda e: _engine_epoch(eng_c, e), c_ep),
+    r = alternate({"loader": _epochs(lambda e, x=eng_c: _engine_epoch(x, e), c_ep),
                    "decode": _epochs(lambda e: decode(s["jpeg_batch"], e % 1_000_000 + 10), c_ep)},
                   s["jpeg_cost_reps"], s["warmup"])
     del eng_c
@@ -334,7 +334,7 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
                             num_workers=workers)[0] if s["jpeg_poison"] else None
     eng_src = _engine_loader(jpeg_src, s["jpeg_batch"], workers, 256, rt_src.train_ops() if rt_src else None)
     decode_src = _decode_only(jpeg_src, workers)
-    r = alternate({"loader": _epochs(lambda e: _engine_epoch(eng_src, e), j_ep),
+    r = alternate({"loader": _epochs(lambda e, x=eng_src: _engine_epoch(x, e), j_ep),
                    "decode": _epochs(lambda e: decode_src(s["jpeg_batch"], e % 1_000_000 + 10), j_ep),
                    "stored_at_decode_size": _epochs(lambda e: _engine_epoch(eng_j, e), j_ep)},
                   s["loader_reps"], s["warmup"])

@@ -246,7 +246,7 @@ def _loader_rates(root: Path, s: dict, cores: int) -> tuple[dict, dict]:
                 if not os_cache:
                     drops.append(drop_page_cache())
                 rates.setdefault(f"os_cache_{'on' if os_cache else 'off'}/threads{t}", []).append(
-                    rate(lambda: _epoch(loaders[t], r)))
+                    rate(lambda lds=loaders: _epoch(lds[t], r)))
         del loaders
     return rates, {"attempts": len(drops), "succeeded": sum(drops), "worked": bool(drops) and all(drops)}
 

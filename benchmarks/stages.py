@@ -64,7 +64,7 @@ def write_upstream(cfg, run_dir: Path, num_classes: int) -> None:
     from engine.models import Classifier, SimCLRModel
     from engine.rundir import DONE, MODEL
     from engine.runtime.checkpoint import save_final_model
-    from engine.stages.linear import OPTIMIZER
+    from engine.defenses.dbd.linear import OPTIMIZER
 
     m = cfg.model
     for stage, make in (("pretrain", lambda: SimCLRModel(m.arch, m.width, m.proj_hidden, m.proj_dim)),

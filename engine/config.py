@@ -15,7 +15,9 @@ from typing import Any
 import yaml
 
 from engine.attacks.config import AttackConfig
-from engine.settings import DataConfig, DistributedConfig, LoggingConfig, ModelConfig, RuntimeConfig, check, from_dict, load_raw, set_dotted, to_dict
+from engine.settings import (DataConfig, DistributedConfig, LoggingConfig, ModelConfig, RuntimeConfig, check, from_dict,
+                             load_raw, set_dotted, to_dict)
+from engine.rundir import CONFIG
 from engine.stages import STAGES, default_stages
 
 __all__ = ["Config", "load_config", "to_dict", "dump_yaml", "save_resolved"]
@@ -88,6 +90,6 @@ def save_resolved(cfg: Any, run_dir: str | Path) -> Path:
     """Write the resolved config next to the run's outputs (atomically)."""
     from engine.fsutil import write_text
 
-    out = Path(run_dir) / "config.yaml"
+    out = Path(run_dir) / CONFIG
     write_text(out, dump_yaml(cfg))
     return out

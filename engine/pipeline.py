@@ -26,11 +26,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from engine.attacks.config import NONE
 from engine.config import dump_yaml, save_resolved, to_dict
 from engine.data.prepare import load_meta
 from engine.data.run_data import DatasetMeta, RunData
 from engine.errors import UserError
 from engine.report.metrics import MetricsWriter
+from engine.rundir import CONFIG
 from engine.runtime.precision import Precision
 from engine.stages import StageEnv, stage_class
 from engine.rundir import DONE, METRICS
@@ -43,7 +45,7 @@ def check_dataset(cfg, meta: DatasetMeta) -> None:
     if meta.name != cfg.data.name:
         raise UserError(f"config is for dataset {cfg.data.name!r} but {cfg.data.root} holds "
                         f"{meta.name!r}: set data.name or data.root")
-    if cfg.attack.name != "none" and not 0 <= cfg.attack.target < meta.num_classes:
+    if cfg.attack.name != NONE and not 0 <= cfg.attack.target < meta.num_classes:
         raise UserError(f"config: attack.target {cfg.attack.target} is outside the {meta.num_classes} classes "
                         f"of {meta.name}")
 
@@ -170,7 +172,7 @@ def _check_links(run_dir: Path, names: tuple[str, ...], dist) -> None:
 
 
 def _record_config(cfg, run_dir: Path) -> None:
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     if path.is_file() and path.read_text() != dump_yaml(cfg):
         # A resumed run with different settings: keep the earlier one for the record.
         previous = run_dir / f"config.{int(time.time())}.yaml"

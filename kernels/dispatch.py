@@ -158,7 +158,8 @@ def weak_view(
     return torch_path.weak_view(images, spec, params, dtype), params
 
 
-def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
+              backend: str = "auto") -> torch.Tensor:
     """Eval view: uint8 NHWC -> (x/255 - mean)/std as NCHW channels_last in `dtype`."""
     check_images(images)
     check_dtype(dtype)

@@ -66,7 +66,8 @@ def write_gtsrb(root: Path, classes: int = 3, per_class: int = 4, n_test: int = 
             w = csv.writer(f, delimiter=";")
             w.writerow(["Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId"])
             for i in range(per_class):
-                img = crops[k]; k += 1
+                img = crops[k]
+                k += 1
                 name = f"{i:05d}_00000.ppm"
                 Image.fromarray(img).save(d / name)
                 w.writerow([name, img.shape[1], img.shape[0], 1, 1, img.shape[1] - 1, img.shape[0] - 1, c])
@@ -76,7 +77,8 @@ def write_gtsrb(root: Path, classes: int = 3, per_class: int = 4, n_test: int = 
         w = csv.writer(f, delimiter=";")
         w.writerow(["Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId"])
         for i in range(n_test):
-            img = crops[k]; k += 1
+            img = crops[k]
+            k += 1
             name = f"{i:05d}.ppm"
             Image.fromarray(img).save(test / name)
             w.writerow([name, img.shape[1], img.shape[0], 1, 1, img.shape[1] - 1, img.shape[0] - 1, i % classes])
@@ -185,8 +187,8 @@ def write_tinyimagenet(root: Path, wnids=TINY_WNIDS, per_class: int = 4, per_cla
 
     def crop(k: int) -> np.ndarray:
         img = photos[k % len(photos)]
-        t, l = int(rng.integers(0, img.shape[0] - 64)), int(rng.integers(0, img.shape[1] - 64))
-        return np.ascontiguousarray(img[t:t + 64, l:l + 64])
+        t, left = int(rng.integers(0, img.shape[0] - 64)), int(rng.integers(0, img.shape[1] - 64))
+        return np.ascontiguousarray(img[t:t + 64, left:left + 64])
 
     root.mkdir(parents=True)
     (root / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids))
@@ -198,7 +200,8 @@ def write_tinyimagenet(root: Path, wnids=TINY_WNIDS, per_class: int = 4, per_cla
         d.mkdir(parents=True)
         # Written out of numeric order (10 before 2) so the reader's order is tested.
         for i in sorted(range(per_class), key=str):
-            img = Image.fromarray(crop(k)); k += 1
+            img = Image.fromarray(crop(k))
+            k += 1
             (img.convert("L") if i < grey else img).save(d / f"{w}_{i}.JPEG", quality=90)
         (root / "train" / w / f"{w}_boxes.txt").write_text(
             "".join(f"{w}_{i}.JPEG\t0\t0\t63\t63\n" for i in range(per_class)))
@@ -206,7 +209,8 @@ def write_tinyimagenet(root: Path, wnids=TINY_WNIDS, per_class: int = 4, per_cla
     lines = []
     for j in range(per_class_val * len(wnids)):
         w = wnids[(j * 2) % len(wnids)]
-        Image.fromarray(crop(k)).save(root / "val" / "images" / f"val_{j}.JPEG", quality=90); k += 1
+        Image.fromarray(crop(k)).save(root / "val" / "images" / f"val_{j}.JPEG", quality=90)
+        k += 1
         lines.append(f"val_{j}.JPEG\t{w}\t0\t0\t63\t63\n")
     (root / "val" / "val_annotations.txt").write_text("".join(lines))
     (root / "test" / "images").mkdir(parents=True)

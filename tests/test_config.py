@@ -19,7 +19,8 @@ def test_defaults_are_the_dbd_reference():
     assert (cfg.linear.epochs, cfg.linear.batch_size, cfg.linear.lr) == (10, 128, 0.002)
     assert (cfg.linear.sce_alpha, cfg.linear.sce_beta) == (0.1, 1.0)
     f = cfg.finetune
-    assert (f.epochs, f.iterations_per_epoch, f.batch_size, f.epsilon, f.lambda_u, f.rampup_epochs) == (190, 1024, 64, 0.5, 15.0, 190)
+    assert (f.epochs, f.iterations_per_epoch, f.batch_size, f.epsilon, f.lambda_u,
+            f.rampup_epochs) == (190, 1024, 64, 0.5, 15.0, 190)
     assert (f.temperature, f.mixup_alpha, f.k_views, f.ema_decay) == (0.5, 0.75, 2, 0.0)
     s = cfg.supervised
     assert (s.epochs, s.lr, s.weight_decay, s.milestones) == (200, 0.1, 5e-4, (100, 150))

@@ -93,7 +93,7 @@ class BadNetsTrigger:
     def white3x3(cls, height: int, width: int) -> "BadNetsTrigger":
         # The same frame the engine's white3x3 preset defines at 32 px, scaled to the
         # image by nearest neighbour, so both sides put the same pixels on the image.
-        from engine.attacks.badnets import build_frame
+        from engine.attacks.triggers.badnets import build_frame
         from engine.attacks.base import resample_nearest
 
         pattern, mask = build_frame("white3x3", 32, "")

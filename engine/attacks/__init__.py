@@ -1,21 +1,18 @@
 """Backdoor attacks applied on the fly inside the FFCV pipeline (see README.md here).
 
-``engine.attacks.runtime.build_poison`` is the entry point the pipeline uses; each
-attack module holds its config section, its NumPy reference and the numba kernel the
-operations run. Importing this package imports every attack module (every module here
-but the shared machinery below), and each ``Attack`` subclass registers itself in
-:data:`ATTACKS`: a new attack is one new file.
+``engine.attacks.runtime.build_poison`` is the entry point the pipeline uses. The
+attacks live in ``triggers/``, one file each, holding its config section, its NumPy
+reference and the numba kernel the operations run; this folder holds the machinery they
+share. Importing this package imports every file in ``triggers/``, and each ``Attack``
+subclass registers itself in :data:`ATTACKS`: a new attack is one new file there.
 """
 import importlib
 import pkgutil
 
+from engine.attacks import triggers
 from engine.attacks.base import ATTACKS, Attack, AttackContext
 
-# The shared machinery, not attacks; ``ops`` needs FFCV and is imported where used.
-_MACHINERY = {"base", "config", "export", "ops", "plan", "preview", "runtime"}
-
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in _MACHINERY:
-        importlib.import_module(f"{__name__}.{_module.name}")
+for _module in sorted(pkgutil.iter_modules(triggers.__path__), key=lambda m: m.name):
+    importlib.import_module(f"{triggers.__name__}.{_module.name}")
 
 __all__ = ["ATTACKS", "Attack", "AttackContext"]

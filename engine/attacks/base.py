@@ -77,6 +77,26 @@ class Attack(ABC):
         return 0.0
 
     @classmethod
+    def tiny_overrides(cls) -> list[str]:
+        """Config overrides the tests run this attack with on the tiny digits set (the
+        attack's test fixture): the pixel-parity and device-twin tests loop over the
+        registry with these, so a new attack is tested without editing them."""
+        return ["attack.ratio=0.1"]
+
+    @classmethod
+    def prepare(cls, cfg: Any, runtime: Any, *, force: bool = False, log: Callable = print) -> bool:
+        """Work the attack needs before any training (``dbd attack-prepare``), e.g.
+        label-consistent's PGD perturbation cache. Returns False when this attack needs
+        none; the default."""
+        return False
+
+    @classmethod
+    def preview_stand_in(cls, runtime: Any) -> "Attack | None":
+        """What ``dbd attack-preview`` draws on training samples when the training trigger
+        cannot be built yet (its prepared inputs are missing), or None: the error stands."""
+        return None
+
+    @classmethod
     def trigger_settings(cls, section: Any) -> dict:
         """The settings that define the trigger, recorded in the plan (a stage trained with
         one trigger must not be resumed with another)."""

@@ -12,8 +12,9 @@ from typing import Any
 
 from engine.attacks import ATTACKS
 from engine.errors import check
+from engine.rundir import NO_ATTACK
 
-NONE = "none"  # a clean run: no attack
+NONE = NO_ATTACK  # a clean run: no attack
 
 
 class _AttackConfigBase:

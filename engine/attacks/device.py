@@ -105,7 +105,7 @@ class BlendedTwin(DeviceTrigger):
     attack_name = "blended"
 
     def build_tables(self, h: int, w: int) -> dict[str, np.ndarray]:
-        from engine.attacks.blended import blend
+        from engine.attacks.triggers.blended import blend
 
         d = np.arange(-255, 256)
         x = np.where(d < 0, 255, 0).astype(np.uint8)
@@ -149,8 +149,8 @@ def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
 
 def _mix(z: torch.Tensor) -> torch.Tensor:
     """splitmix64's finaliser on int64 bit patterns: wrapping multiplication is the
-    same in two's complement as in uint64 (engine.attacks.wanet._mix)."""
-    from engine.attacks.wanet import _M1, _M2
+    same in two's complement as in uint64 (engine.attacks.triggers.wanet._mix)."""
+    from engine.attacks.triggers.wanet import _M1, _M2
 
     z = (z ^ _shr(z, 30)) * _signed(_M1)
     z = (z ^ _shr(z, 27)) * _signed(_M2)
@@ -168,7 +168,7 @@ class WaNetTwin(DeviceTrigger):
     attack_name = "wanet"
 
     def build_tables(self, h: int, w: int) -> dict[str, np.ndarray]:
-        from engine.attacks.wanet import Q, _scale, scale_factor
+        from engine.attacks.triggers.wanet import Q, _scale, scale_factor
 
         field = self.attack.field
         ph, pw = field.shape[:2]
@@ -180,7 +180,7 @@ class WaNetTwin(DeviceTrigger):
         return {"sy": sy, "sx": sx, "pos": (rows[:, None] * pw + cols[None, :]) * 2}
 
     def trigger(self, images, indices):
-        from engine.attacks.wanet import Q, SCALE_BITS, scale_factor
+        from engine.attacks.triggers.wanet import Q, SCALE_BITS, scale_factor
 
         n, h, w = images.shape[:3]
         t = self.tables(images.device, h, w)
@@ -206,8 +206,8 @@ class WaNetTwin(DeviceTrigger):
 
     def _noise(self, indices: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The jitter (y, x) in 1/Q frame pixels of each sample: ``wanet.noise_values``."""
-        from engine.attacks.wanet import _NOISE_DOMAIN
-        from engine.attacks.wanet import _mix as np_mix
+        from engine.attacks.triggers.wanet import _NOISE_DOMAIN
+        from engine.attacks.triggers.wanet import _mix as np_mix
 
         a = self.attack
         seed_key = _signed(np_mix(np.asarray([a.noise_seed], np.uint64) ^ _NOISE_DOMAIN)[0])
@@ -221,7 +221,7 @@ class WaNetTwin(DeviceTrigger):
 def _bilinear(images: torch.Tensor, sy: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
     """Resample at (sy, sx) in 1/Q px, rounding like the kernel; int32 holds every term
     (at most Q * Q * 255)."""
-    from engine.attacks.wanet import Q, SHIFT
+    from engine.attacks.triggers.wanet import Q, SHIFT
 
     n, h, w = images.shape[:3]
     y0, x0 = sy // Q, sx // Q
@@ -253,7 +253,8 @@ class LabelConsistentTwin(PatchTwin):
             # The whole cache, once: one frame per target-class image, int8.
             a = self.attack
             self._cache[key] = {"rows": torch.from_numpy(a.rows).to(dev),
-                                "delta": torch.from_numpy(np.array(a.perturbations)).to(dev)}  # a copy: the cache is a read-only map
+                                # a copy: the cache is a read-only map
+                                "delta": torch.from_numpy(np.array(a.perturbations)).to(dev)}
         c = self._cache[key]
         row = c["rows"][indices].long()
         has = row >= 0

@@ -78,5 +78,6 @@ def export_poisoned(cfg, runtime, split: str, out: str | Path, *, limit: int | N
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     return {"file": str(out), "count": int(len(got)), "poisoned": int(arrays["poisoned"].sum()),
-            "noise": int(arrays["noise"].sum()), "labels_changed": int((arrays["labels"] != arrays["true_labels"]).sum()),
+            "noise": int(arrays["noise"].sum()),
+            "labels_changed": int((arrays["labels"] != arrays["true_labels"]).sum()),
             "image_shape": list(images.shape[1:])}

@@ -105,7 +105,8 @@ def plan_settings(attack) -> dict:
     return {
         "attack": attack.name,
         "label_mode": mode,
-        "select_from": attack.select_from if mode == "all_to_one" else ("target_class" if mode == "clean_label" else "all"),
+        "select_from": (attack.select_from if mode == "all_to_one"
+                        else ("target_class" if mode == "clean_label" else "all")),
         "clean_label_ratio_of": attack.clean_label_ratio_of if mode == "clean_label" else None,
         "ratio": float(attack.ratio),
         "target": int(attack.target),

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.attacks import ATTACKS
+from engine.attacks.config import NONE
 from engine.attacks.export import collect, loader_for
 from engine.errors import UserError
 
@@ -26,7 +28,7 @@ def preview_samples(runtime, split: str, count: int, log=print) -> dict:
     """Arrays for the figure: clean, triggered, indices, labels before and after, notes."""
     from engine.attacks.ops import AttackOps
 
-    if runtime.name == "none":
+    if runtime.name == NONE:
         raise UserError("attack.name is none: there is no trigger to preview")
     if split not in ("train", "test"):
         raise UserError(f"--split must be train or test, got {split!r}")
@@ -38,13 +40,12 @@ def preview_samples(runtime, split: str, count: int, log=print) -> dict:
         try:
             ops = runtime.train_ops()
         except UserError as e:
-            if runtime.name != "label_consistent":
+            stand_in = ATTACKS[runtime.name].preview_stand_in(runtime)
+            if stand_in is None:
                 raise
-            # Without the PGD cache the training trigger cannot be drawn; the corner
-            # pattern alone still shows where the trigger goes.
-            note = "test-time trigger only (no PGD cache)"
+            note = "test-time trigger only (its prepared inputs are missing)"
             log(f"note: {e}; showing the {note}")
-            ops = AttackOps(runtime.test_attack(), runtime.train_selected)
+            ops = AttackOps(stand_in, runtime.train_selected)
         before, after = plan.true_labels[indices], plan.labels[indices]
     else:
         indices = pick(runtime.poisoned_test_indices, count)

@@ -79,7 +79,7 @@ class PoisonRuntime:
             self.test_targets = (self.test_labels + 1) % n_classes
         else:
             self.test_targets = np.full(len(self.test_labels), self.target, dtype=np.int64)
-        if self.name == "none":
+        if self.name == NONE:
             self.poisoned_test_indices = np.zeros(0, dtype=np.int64)
         else:
             # Images already of their target class say nothing about the trigger; for
@@ -98,7 +98,7 @@ class PoisonRuntime:
         return self.plan.poisoned | self.plan.noise
 
     def train_attack(self) -> Attack | None:
-        if self._train_attack is None and self.name != "none":
+        if self._train_attack is None and self.name != NONE:
             if ATTACKS[self.name].per_sample_training:
                 # Per-sample variants (noise grids, perturbations) exist only in training.
                 self._train_attack = make_attack(self.cfg, self.frame, self.plan, self.run_dir, self.meta,
@@ -135,7 +135,7 @@ class PoisonRuntime:
 
     def describe(self) -> str:
         p = self.plan
-        if self.name == "none":
+        if self.name == NONE:
             return "attack none: clean training set"
         extra = f", {int(p.noise.sum())} noise-mode samples" if p.noise.any() else ""
         return (f"attack {self.name}: {int(p.poisoned.sum())}/{len(p.poisoned)} training samples poisoned "
@@ -150,7 +150,7 @@ def build_poison(cfg, meta: dict, run_dir: Path | str | None, *, save: bool = Tr
     read-only commands). Without: draw it in memory only."""
     a = cfg.attack
     n_classes = int(meta["num_classes"])
-    if a.name != "none" and not 0 <= a.target < n_classes:
+    if a.name != NONE and not 0 <= a.target < n_classes:
         raise UserError(f"config: attack.target {a.target} is outside the class range 0-{n_classes - 1} "
                         f"of {meta.get('name')}")
     if not cfg.data.root:

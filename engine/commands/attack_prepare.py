@@ -10,25 +10,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.attacks.label_consistent import cache_paths, prepare
+    from engine.attacks import ATTACKS
+    from engine.attacks.base import Attack
     from engine.attacks.runtime import runtime_for_command
     from engine.config import load_config
-    from engine.errors import UserError
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.attack.name != "label_consistent":
-        print(f"attack {cfg.attack.name} needs no preparation (only label_consistent does)")
+    attack = ATTACKS.get(cfg.attack.name)
+    # Each attack says what it must prepare (Attack.prepare); most need nothing.
+    if attack is None or attack.prepare.__func__ is Attack.prepare.__func__:
+        print(f"attack {cfg.attack.name} needs no preparation")
         return 0
     runtime = runtime_for_command(cfg, save=True)
     print(runtime.describe())
-    if not args.force:
-        try:
-            runtime.train_attack()
-        except UserError:
-            pass  # missing or stale: compute it below
-        else:
-            print(f"perturbations up to date: {cache_paths(cfg.attack.label_consistent, runtime.run_dir)[0]} "
-                  f"(--force recomputes)")
-            return 0
-    prepare(cfg, runtime.meta, runtime, runtime.run_dir)
+    attack.prepare(cfg, runtime, force=args.force)
     return 0

@@ -92,7 +92,8 @@ class JpegBeton:
         self.widths = np.asarray(image["width"], dtype=np.int64)
         if n and (image["mode"] != JPG).any():
             raise UserError(f"data.decode_device=cuda needs JPEG data, but {self.path} stores "
-                            f"{int((image['mode'] != JPG).sum())} of its {n} images raw (fixed-size data is stored raw): "
+                            f"{int((image['mode'] != JPG).sum())} of its {n} images raw "
+                            "(fixed-size data is stored raw): "
                             f"use data.decode_device=cpu")
         table = np.fromfile(self.path, dtype=ALLOC_TABLE, offset=table_ptr)
         # Each image's bytes: its allocation's size (the writer allocates exactly the JPEG).

@@ -51,7 +51,8 @@ def prepare(dataset: str, source: str | None, out: str | Path, *, force: bool = 
     for name, ds in (("train", splits.train), ("test", splits.test)):
         if len(ds) == 0:
             raise UserError(f"{dataset} {name} split is empty")
-        empty = [splits.classes[c] for c in range(len(splits.classes)) if name == "train" and not (ds.labels == c).any()]
+        empty = [splits.classes[c] for c in range(len(splits.classes))
+                 if name == "train" and not (ds.labels == c).any()]
         if empty:
             raise UserError(f"{dataset} train split has no image of class {empty[0]!r}")
     out.mkdir(parents=True, exist_ok=True)

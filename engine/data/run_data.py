@@ -45,7 +45,8 @@ class DatasetMeta:
                        fixed_size=bool(raw.get("fixed_size", False)), content_hash=str(raw.get("content_hash", "")),
                        raw=raw)
         except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"dataset meta.json is missing or has a bad field ({e}): prepare the dataset again") from None
+            raise UserError(f"dataset meta.json is missing or has a bad field ({e}): "
+                            "prepare the dataset again") from None
 
 
 class RunData:

@@ -61,7 +61,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, form: str = 
     if form not in FORMS:
         raise ValueError(f"nt_xent form must be one of {FORMS}, got {form!r}")
     if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"nt_xent needs two (B, D) embeddings of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError("nt_xent needs two (B, D) embeddings of one shape, "
+                         f"got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if temperature <= 0:
         raise ValueError(f"nt_xent temperature must be > 0, got {temperature}")
     if z1.dtype in (torch.float16, torch.bfloat16):

@@ -23,7 +23,7 @@ from engine.fsutil import write_json, write_text
 from engine.report.implant import Implant, assess
 from engine.report.metrics import read_metrics
 from engine.report.plots import plot_curves, plot_features, plot_split
-from engine.rundir import CONFIG, DONE, METRICS
+from engine.rundir import CONFIG, DONE, METRICS, NO_DEFENSE, REPORT, SUMMARY
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class StageInfo:
     @property
     def is_defense(self) -> bool:
         """A defense row: it evaluates and belongs to a known defense other than the baseline."""
-        return self.evaluates and self.defense not in (None, "none")
+        return self.evaluates and self.defense not in (None, NO_DEFENSE)
 
 
 def load_run(run_dir: Path) -> tuple[dict, list[dict], dict]:
@@ -139,7 +139,7 @@ def defense_seconds(infos: list[StageInfo]) -> dict[str, float]:
     """Each defense's total: the own times of all its finished stages (evaluated or not)."""
     out: dict[str, float] = {}
     for i in infos:
-        if i.defense not in (None, "none"):
+        if i.defense not in (None, NO_DEFENSE):
             out[i.defense] = round(out.get(i.defense, 0.0) + i.seconds, 2)
     return out
 
@@ -196,7 +196,7 @@ def build_report(run_dir: str | Path) -> str:
     cfg, records, stages = load_run(run_dir)
     summary = summarise(cfg, records, stages)
     implant = assess(cfg, stages, list(stages))
-    write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / SUMMARY, summary)
     infos = [StageInfo.of(n, d) for n, d in stages.items()]
     labels = {i.name: i.row_name for i in infos}
     plots_dir = run_dir / "plots"
@@ -232,7 +232,8 @@ def build_report(run_dir: str | Path) -> str:
         if not detail:
             continue
         lines += [f"## Split quality per epoch: {info.row_name}", "",
-                  "| epoch | labelled | poisoned share of labelled | poisoned kept labelled | detector precision | detector recall |",
+                  ("| epoch | labelled | poisoned share of labelled | poisoned kept labelled "
+                   "| detector precision | detector recall |"),
                   "| --- | --- | --- | --- | --- | --- |"]
         for r in detail:
             lines.append(f"| {r['epoch']} | {r['labelled']} | {r['labelled_poison_share']:.2f}% "
@@ -240,5 +241,5 @@ def build_report(run_dir: str | Path) -> str:
         lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
-    write_text(run_dir / "report.md", "\n".join(lines))
+    write_text(run_dir / REPORT, "\n".join(lines))
     return table

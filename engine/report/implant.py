@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.rundir import NO_ATTACK, NO_DEFENSE
+
 DEFAULT_THRESHOLD = 50.0
 # The stage that runs the no-defense baseline, named when a run has none.
 BASELINE_STAGE = "supervised"
@@ -25,7 +27,7 @@ class Implant:
     @property
     def applies(self) -> bool:
         """A clean run (attack "none") has no backdoor to implant."""
-        return self.attack != "none"
+        return self.attack != NO_ATTACK
 
     @property
     def implanted(self) -> bool | None:
@@ -76,6 +78,6 @@ def assess(cfg: dict, stages: dict[str, dict], order: list[str]) -> Implant:
     threshold = threshold_of(cfg)
     for stage in order:
         done = stages[stage]
-        if done.get("defense") == "none" and done.get("ASR") is not None:
+        if done.get("defense") == NO_DEFENSE and done.get("ASR") is not None:
             return Implant(name, threshold, stage, float(done["ASR"]))
     return Implant(name, threshold)

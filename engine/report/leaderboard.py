@@ -33,7 +33,7 @@ from pathlib import Path
 from engine.errors import UserError
 from engine.fsutil import write_text
 from engine.report.build import fmt_time, total_cost
-from engine.rundir import DONE, SWEEP_INDEX
+from engine.rundir import CONFIG, DONE, NO_DEFENSE, SUMMARY, SWEEP_INDEX, Status
 
 METRICS = ("BA", "ASR", "RA", "poisoned_share")
 
@@ -43,7 +43,7 @@ class CellResult:
     name: str
     values: dict
     defense: str | None
-    status: str  # done | failed | unfinished | not run
+    status: Status  # done | failed | unfinished | not run
     error: str | None = None
     traceback: str | None = None  # the failure's traceback file, relative to the sweep folder
     started: float | None = None  # when its first attempt started (status.json)
@@ -65,26 +65,26 @@ def read_cell(sweep: Path, entry: dict) -> CellResult:
     stages = list(entry.get("stages") or [])
     dones = {s: json.loads((run_dir / s / DONE).read_text()) for s in stages if (run_dir / s / DONE).is_file()}
     status = entry.get("status")
-    if status == "failed":
-        state = "failed"
+    if status == Status.FAILED:
+        state = Status.FAILED
     elif stages and len(dones) == len(stages):
-        state = "done"
-    elif status == "running" or dones or (run_dir / "config.yaml").is_file():  # a run has started there
-        state = "unfinished"
+        state = Status.DONE
+    elif status == Status.RUNNING or dones or (run_dir / CONFIG).is_file():  # a run has started there
+        state = Status.UNFINISHED
     else:
-        state = "not run"
+        state = Status.NOT_RUN
     result = CellResult(name=entry["name"], values=dict(entry.get("values") or {}), defense=entry.get("defense"),
                         status=state, error=entry.get("error"), traceback=entry.get("traceback"),
                         started=entry.get("started"), host=entry.get("host"), job=entry.get("job"))
     result.stage_dirs = {s: os.path.realpath(run_dir / s) for s in dones}
-    if state != "done":
+    if state != Status.DONE:
         return result
     final = _final_stage(stages, dones)
     done = dones[final] if final else {}
     if result.defense is None:
         result.defense = done.get("defense")
     share = None
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY
     if summary_path.is_file() and final:
         summary = json.loads(summary_path.read_text())
         split = (summary.get(final) or {}).get("split") or []
@@ -112,7 +112,7 @@ class Row:
 
     @property
     def done(self) -> list[CellResult]:
-        return [c for c in self.cells if c.status == "done"]
+        return [c for c in self.cells if c.status == Status.DONE]
 
     def stat(self, key: str) -> tuple[float | None, float | None]:
         return _mean_std([c.metrics[key] for c in self.done if c.metrics.get(key) is not None])
@@ -126,14 +126,14 @@ class Row:
         counts: dict[str, int] = {}
         for c in self.cells:
             counts[c.status] = counts.get(c.status, 0) + 1
-        if counts.get("done") == len(self.cells):
-            return "done"
+        if counts.get(Status.DONE) == len(self.cells):
+            return Status.DONE
         return ", ".join(f"{n} {s}" for s, n in counts.items())
 
     def implanted(self, rows: list["Row"]) -> bool | None:
         """Whether the attack implanted in this row's no-defense row (this row itself, for
         a baseline): every finished seed's baseline must say so. None when unknown."""
-        base = self if self.defense == "none" else baseline_of(self, rows)
+        base = self if self.defense == NO_DEFENSE else baseline_of(self, rows)
         verdicts = [c.implanted for c in base.done] if base is not None else []
         if not verdicts or any(v is None for v in verdicts):
             return None
@@ -141,7 +141,7 @@ class Row:
 
     @property
     def failed(self) -> list[CellResult]:
-        return [c for c in self.cells if c.status == "failed"]
+        return [c for c in self.cells if c.status == Status.FAILED]
 
     @property
     def errors(self) -> list[str]:
@@ -163,9 +163,9 @@ def group_rows(cells: list[CellResult]) -> list[Row]:
 
 
 def baseline_of(row: Row, rows: list[Row]) -> Row | None:
-    if row.defense in (None, "none"):
+    if row.defense in (None, NO_DEFENSE):
         return None
-    want = {**row.values, "defense": "none"} if "defense" in row.values else None
+    want = {**row.values, "defense": NO_DEFENSE} if "defense" in row.values else None
     for other in rows:
         if want is not None and other.values == want:
             return other
@@ -205,7 +205,8 @@ def table_rows(rows: list[Row], keys: list[str]) -> tuple[list[str], list[list],
         num = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
         share = stats["poisoned_share"]
         shown.append([*(str(row.values.get(k)) for k in value_keys), str(row.defense),
-                      f"{len(row.done)}/{len(row.cells)}", row.state if row.state == "done" else f"**{row.state}**",
+                      f"{len(row.done)}/{len(row.cells)}",
+                      row.state if row.state == Status.DONE else f"**{row.state}**",
                       {True: "yes", False: "**no**", None: "-"}[implanted],
                       _fmt(*stats["BA"]), _fmt(*stats["ASR"]), _fmt(*stats["RA"]),
                       "-" if share[0] is None else _fmt(*share) + "%", num(drop), num(reduction),
@@ -260,7 +261,7 @@ def build_leaderboard(sweep: str | Path) -> str:
     plots = [d["path"] for d in leaderboard_plots(sweep, rows, value_keys).values()]
     lines = [f"# Leaderboard: {sweep.name}", "",
              f"Grid `{index.get('grid')}` on base config `{index.get('base')}`: {len(cells)} cells, "
-             f"{sum(c.status == 'done' for c in cells)} done.", "",
+             f"{sum(c.status == Status.DONE for c in cells)} done.", "",
              "BA: clean test accuracy; ASR: attack success rate; RA: robust accuracy (triggered images classified "
              "as their true class); poisoned share: poisoned images in the split's labelled part at the last "
              "epoch. All in percent, mean ± sample std over the finished seeds. BA drop and ASR reduction: "
@@ -273,7 +274,7 @@ def build_leaderboard(sweep: str | Path) -> str:
     errors = [e for r in rows for e in r.errors]
     if errors:
         lines += ["## Failed cells", ""] + [f"- {e}" for e in errors] + [""]
-    unfinished = [c for c in cells if c.status == "unfinished"]
+    unfinished = [c for c in cells if c.status == Status.UNFINISHED]
     if unfinished:
         lines += ["## Unfinished cells", "",
                   "Started but without a result: still running, or killed (a time limit, a node failure) "

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.rundir import NO_DEFENSE
 
 
 def _order(records: list[dict], order: list[str] | None) -> list[str]:
@@ -150,8 +151,8 @@ def plot_leaderboard_ba_asr(points: list[dict], out: Path) -> tuple[Path, dict]:
     for p in points:
         if p["BA"] is None:
             continue
-        ax.scatter(p["ASR"], p["BA"], marker="o" if p["defense"] == "none" else "^", s=60,
-                   color="tab:red" if p["defense"] == "none" else "tab:blue", zorder=3, gid=p["name"])
+        ax.scatter(p["ASR"], p["BA"], marker="o" if p["defense"] == NO_DEFENSE else "^", s=60,
+                   color="tab:red" if p["defense"] == NO_DEFENSE else "tab:blue", zorder=3, gid=p["name"])
         ax.annotate(p["name"], (p["ASR"], p["BA"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
         if p["baseline"] is not None:
             ax.annotate("", xy=(p["ASR"], p["BA"]), xytext=p["baseline"],

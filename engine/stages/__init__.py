@@ -1,9 +1,10 @@
-"""The training stages: DBD's (pretrain, linear, finetune), the no-defense baseline
-(supervised) and any other ``Stage`` subclass in this package.
+"""The machinery every defense's stages run on (the ``Stage`` base, the Trainer,
+evaluation, stage keys and the shared stage store), and the registry of stages.
 
-Importing the package imports every module in it, and each ``Stage`` subclass with a
-``name`` registers itself in :data:`engine.stages.base.STAGES`: a new stage is one new
-file here (see README.md in this folder).
+The stages themselves live in their defense's folder under ``engine/defenses/``.
+Importing this package imports that package too, so every stage is registered in
+:data:`engine.stages.base.STAGES` whichever package a caller imports first (see
+README.md in this folder).
 """
 from __future__ import annotations
 
@@ -14,5 +15,6 @@ from engine.stages.base import STAGES, Stage, StageEnv, default_stages, stage_cl
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+importlib.import_module("engine.defenses")  # registers every defense's stages
 
 __all__ = ["STAGES", "Stage", "StageEnv", "default_stages", "stage_class"]

@@ -127,6 +127,14 @@ class Stage(abc.ABC):
         self.config = config
         self.env = env
 
+    @classmethod
+    def tiny_overrides(cls) -> list[str]:
+        """Config overrides that make this stage tiny enough for the tests (batch sizes
+        that a few dozen samples fill): the stage matrix, the host-sync test and the GPU
+        check loop over the registry with these, so a new stage is tested there without
+        editing them."""
+        return []
+
     # ---- what every stage defines
     @abc.abstractmethod
     def build(self) -> None:
@@ -192,6 +200,23 @@ def default_stages() -> tuple[str, ...]:
     """The stages a config runs when it does not list them: every stage with a position."""
     placed = [c for c in STAGES.values() if c.default_position is not None]
     return tuple(c.name for c in sorted(placed, key=lambda c: c.default_position))
+
+
+def stages_in_order() -> tuple[str, ...]:
+    """Every registered stage, each after the stages it ``needs`` (ties: the default
+    order first, then by name): an order in which each stage's inputs already exist."""
+    def rank(c: type[Stage]) -> tuple:
+        return (c.default_position is None, c.default_position or 0, c.name)
+
+    done: list[str] = []
+    pending = sorted(STAGES.values(), key=rank)
+    while pending:
+        ready = [c for c in pending if all(n in done for n in c.needs)]
+        if not ready:
+            raise RuntimeError(f"stages with unmet or circular needs: {', '.join(c.name for c in pending)}")
+        done.append(ready[0].name)
+        pending.remove(ready[0])
+    return tuple(done)
 
 
 def stage_class(name: str) -> type[Stage]:

@@ -106,7 +106,8 @@ class Trainer:
         summary = {"stage": env.name, "label": stage.label, "defense": stage.defense, "evaluates": stage.evaluates,
                    "seconds": round(time.time() - t0, 2), "world_size": dist.world_size, **final,
                    "epochs": result.epochs, "final_loss": result.last.get("loss"),
-                   "images_per_second": round(result.images_per_second, 1), "steps_per_epoch": stage.steps_per_epoch, "backend": stage.backend.name,
+                   "images_per_second": round(result.images_per_second, 1), "steps_per_epoch": stage.steps_per_epoch,
+                   "backend": stage.backend.name,
                    "precision": env.precision.name, **stage.summary(), "cost": cost}
         if dist.is_main:
             # Every output is on disk (the barrier above): record what reuse must find intact.

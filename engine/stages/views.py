@@ -44,8 +44,8 @@ class WeakAugment:
         flip = self.view.flip_p if self.data.horizontal_flip else 0.0
         mean, std = tuple(self.data.mean), tuple(self.data.std)
         if self.view.kind == "pad_crop":
-            self.spec = WeakSpec(size=self.data.image_size, padding=self.view.padding, padding_mode=self.view.padding_mode,
-                                 flip_p=flip, mean=mean, std=std)
+            self.spec = WeakSpec(size=self.data.image_size, padding=self.view.padding,
+                                 padding_mode=self.view.padding_mode, flip_p=flip, mean=mean, std=std)
         else:
             # RandomResizedCrop + flip is the SimCLR view with every colour op off.
             self.spec = SimCLRSpec(size=self.data.image_size, scale=tuple(self.view.scale), flip_p=flip,

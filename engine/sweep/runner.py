@@ -42,12 +42,11 @@ from typing import Any, Callable
 
 from engine.errors import UserError
 from engine.fsutil import write_json, write_text
-from engine.rundir import CELL_ERROR, CELL_STATUS
+from engine.rundir import CELL_ERROR, CELL_STATUS, Status
 from engine.rundir import SWEEP_INDEX as CELLS
 from engine.sweep.grid import Grid
 
 STORE = "stages"
-DONE, FAILED, RUNNING, PENDING = "done", "failed", "running", "pending"
 # What a cell's status.json contributes to its cells.json entry (the rest of the entry,
 # its values, stages and run dir, comes from the grid).
 STATUS_FIELDS = ("status", "error", "started", "finished", "seconds", "host", "job", "traceback")
@@ -99,7 +98,7 @@ def read_cell_status(run_dir: Path) -> dict | None:
         status = json.loads(path.read_text())
     except json.JSONDecodeError as e:  # written atomically, so only an edit by hand gets here
         raise UserError(f"{path} is not valid JSON ({e}): fix or remove it") from None
-    if not isinstance(status, dict) or status.get("status") not in (RUNNING, DONE, FAILED):
+    if not isinstance(status, dict) or status.get("status") not in (Status.RUNNING, Status.DONE, Status.FAILED):
         raise UserError(f"{path}: not a cell status (status must be running, done or failed): fix or remove it")
     return status
 
@@ -110,7 +109,7 @@ def start_status(previous: dict | None, cfg_hash: str) -> dict:
     as a resumed cell's cost spans all its attempts."""
     previous = previous or {}
     now = time.time()
-    return {"status": RUNNING, "started": previous.get("started") or now, "attempt_started": now,
+    return {"status": Status.RUNNING, "started": previous.get("started") or now, "attempt_started": now,
             "finished": None, "seconds": previous.get("seconds"), "error": None, "traceback": None,
             "host": socket.gethostname(), "pid": os.getpid(), "job": _job(), "config_hash": cfg_hash}
 
@@ -120,7 +119,7 @@ def finish_status(status: dict, error: str | None) -> dict:
     its traceback in error.txt beside the status file."""
     now = time.time()
     spent = now - status["attempt_started"]
-    return {**status, "status": FAILED if error else DONE, "finished": now, "error": error,
+    return {**status, "status": Status.FAILED if error else Status.DONE, "finished": now, "error": error,
             "traceback": CELL_ERROR if error else None,
             "seconds": round((status.get("seconds") or 0.0) + spent, 2)}
 
@@ -183,7 +182,7 @@ def index_for(grid: Grid, out: Path, mode: str) -> dict:
             old = {}  # the cell's settings changed (e.g. the overrides): it runs again
         entry = {"name": cell.name, "index": cell.index, "values": cell.values, "defense": cell.defense,
                  "stages": list(cell.config.stages), "run_dir": str(Path("cells") / cell.name),
-                 "status": old.get("status", PENDING), "error": old.get("error"),
+                 "status": old.get("status", Status.PENDING), "error": old.get("error"),
                  "started": old.get("started"), "finished": old.get("finished"),
                  "seconds": old.get("seconds"), "config_hash": cfg_hash,
                  "host": old.get("host"), "job": old.get("job"), "traceback": old.get("traceback")}
@@ -267,13 +266,13 @@ def run_sweep(grid: Grid, out: Path) -> int:
             entry = entries[cell.name]
             run_dir = cell_run_dir(out, cell.name)
             label = f"[sweep] cell {cell.index + 1}/{n} {cell.name}"
-            if entry["status"] == DONE:
+            if entry["status"] == Status.DONE:
                 if dist.is_main:
                     print(f"{label}: done, skipped", flush=True)
                 continue
             status: dict = {}
             if dist.is_main:
-                resumed = entry["status"] in (RUNNING, FAILED)
+                resumed = entry["status"] in (Status.RUNNING, Status.FAILED)
                 print(f"{label}: {'resuming' if resumed else 'starting'}", flush=True)
                 status = start_status(entry, entry["config_hash"])
                 write_cell_status(run_dir, status)  # the cell's own record first, then the index

@@ -11,6 +11,31 @@ from engine.config import load_config
 from engine.data.loaders import LoaderSpec, beton_path, crop_ratio, make_loader
 
 
+def attack_names() -> list[str]:
+    """Every registered attack: the parity tests loop over the registry."""
+    from engine.attacks import ATTACKS
+
+    return sorted(ATTACKS)
+
+
+def tiny_settings(name: str) -> list[str]:
+    """The attack's own test settings (``Attack.tiny_overrides``)."""
+    from engine.attacks import ATTACKS
+
+    return ATTACKS[name].tiny_overrides()
+
+
+def write_prepared_inputs(name: str, cfg, meta: dict, run_dir: Path) -> None:
+    """What ``dbd attack-prepare`` would write for an attack that needs preparing, as a
+    fast stand-in (label-consistent: random deltas in its cache format). An attack that
+    overrides ``Attack.prepare`` must have an entry here (test_attack_ops checks it)."""
+    from engine.attacks.runtime import build_poison
+
+    writer = PREPARED_FIXTURES.get(name)
+    if writer is not None:
+        writer(build_poison(cfg, meta, run_dir), run_dir)
+
+
 def make_cfg(root: Path, name: str, *overrides: str, run_dir: Path | None = None):
     meta = json.loads((Path(root) / "meta.json").read_text())
     items = [f"data.root={root}", f"data.name={meta['name']}", f"attack.name={name}"]
@@ -78,3 +103,7 @@ def write_lc_cache(runtime, run_dir: Path, seed: int = 0) -> np.ndarray:
     (run_dir / "lc_perturbations.json").write_text(json.dumps({
         "content_hash": runtime.meta["content_hash"], "indices": indices.tolist(), "frame": list(runtime.frame)}))
     return deltas
+
+
+# Attack name -> the writer of its prepared inputs (see write_prepared_inputs).
+PREPARED_FIXTURES = {"label_consistent": write_lc_cache}

@@ -186,7 +186,8 @@ def test_attack_prepare_with_a_given_model_then_training_uses_the_cache(digits_r
     capsys.readouterr()
     assert dbd(["attack-prepare", *args]) == 0 and "up to date" in capsys.readouterr().out
     out = tmp_path / "lc.npz"
-    assert dbd(["export-poisoned", *args, "--split", "train", "--poisoned-only", "--limit", "5", "--out", str(out)]) == 0
+    assert dbd(["export-poisoned", *args, "--split", "train", "--poisoned-only", "--limit", "5",
+                "--out", str(out)]) == 0
     z = np.load(out)
     for img, k in zip(z["images"], z["indices"]):
         src = source_image(digits_root, "train", int(k)).astype(int)
@@ -209,7 +210,7 @@ def test_attack_prepare_trains_its_own_classifier(digits_root, tmp_path):
 def test_surrogate_recipes():
     """The default is BackdoorBench's clean training (shared/reference/attacks.md: 100
     epochs, SGD lr 0.01, cosine); "short" is the named small-machine recipe."""
-    from engine.attacks.label_consistent import LabelConsistentConfig
+    from engine.attacks.triggers.label_consistent import LabelConsistentConfig
 
     reference = LabelConsistentConfig().surrogate_recipe()
     assert (reference.epochs, reference.lr) == (100, 0.01)

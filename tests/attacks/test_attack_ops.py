@@ -7,28 +7,28 @@ import json
 
 import numpy as np
 import pytest
-from tests.attacks.attack_helpers import epoch, expected_frame, load, make_cfg, source_image, write_lc_cache
+from tests.attacks.attack_helpers import (PREPARED_FIXTURES, attack_names, epoch, expected_frame, load, make_cfg,
+                                         source_image, tiny_settings, write_prepared_inputs)
 
 from engine.attacks.runtime import build_poison
 
-ATTACKS = ["badnets", "blended", "sig", "wanet", "label_consistent"]
-# Dirty-label attacks at 10%; clean-label ones at half the target class (digits: ~68).
-SETTINGS = {
-    "badnets": ["attack.ratio=0.1", "attack.badnets.pattern=dbd2x2"],
-    "blended": ["attack.ratio=0.1", "attack.blended.alpha=0.2"],
-    "sig": ["attack.ratio=0.5", "attack.clean_label_ratio_of=class"],
-    "wanet": ["attack.ratio=0.1", "attack.wanet.s=2"],
-    "label_consistent": ["attack.ratio=0.5", "attack.clean_label_ratio_of=class"],
-}
+ATTACKS = attack_names()  # every registered attack, with its own tiny_overrides()
 
 
 def runtime_for(root, name, run_dir, *extra):
-    cfg = make_cfg(root, name, *SETTINGS[name], *extra, run_dir=run_dir)
+    cfg = make_cfg(root, name, *tiny_settings(name), *extra, run_dir=run_dir)
     meta = json.loads((root / "meta.json").read_text())
-    if name == "label_consistent":
-        # The plan comes first (it names the target class), then a cache for it.
-        write_lc_cache(build_poison(cfg, meta, run_dir), run_dir)
+    # The plan comes first (it names the target class), then the prepared inputs for it.
+    write_prepared_inputs(name, cfg, meta, run_dir)
     return build_poison(cfg, meta, run_dir)
+
+
+def test_every_attack_that_needs_preparing_has_a_test_fixture():
+    from engine.attacks import ATTACKS
+    from engine.attacks.base import Attack
+
+    prepared = {n for n, a in ATTACKS.items() if a.prepare.__func__ is not Attack.prepare.__func__}
+    assert prepared == set(PREPARED_FIXTURES), "add the attack's stand-in to tests/attacks/attack_helpers.py"
 
 
 def check_against_reference(root, split, runtime, images, labels, indices, *, fixed, decode_size, train):
@@ -70,7 +70,7 @@ def test_raw_train_loader_matches_reference_every_epoch(digits_root, digits_runt
     order = np.argsort(second[2])
     assert np.array_equal(second[0][order], images[np.argsort(indices)])
     assert np.array_equal(second[1][order], labels[np.argsort(indices)])
-    if rt.name in ("sig", "label_consistent"):
+    if type(rt.train_attack()).clean_label:
         assert np.array_equal(labels, rt.plan.true_labels[indices])
     if rt.name == "badnets":
         # The loader's own output at the DBD reference trigger's 12 values (cifar_1.png).

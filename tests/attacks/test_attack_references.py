@@ -7,15 +7,15 @@ import functools
 import numpy as np
 import pytest
 
-from engine.attacks.badnets import BadNets, build_frame
+from engine.attacks.triggers.badnets import BadNets, build_frame
 from engine.attacks.base import nearest_index
-from engine.attacks.blended import Blended
-from engine.attacks.label_consistent import LabelConsistent
+from engine.attacks.triggers.blended import Blended
+from engine.attacks.triggers.label_consistent import LabelConsistent
 from engine.attacks.ops import compiled_kernel
-from engine.attacks.sig import SIG
-from engine.attacks.wanet import WaNet, warp_field
-from engine.attacks.badnets import BadNetsConfig
-from engine.attacks.wanet import WaNetConfig
+from engine.attacks.triggers.sig import SIG
+from engine.attacks.triggers.wanet import WaNet, warp_field
+from engine.attacks.triggers.badnets import BadNetsConfig
+from engine.attacks.triggers.wanet import WaNetConfig
 from engine.errors import UserError
 
 RNG = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from engine.attacks.base import AttackContext
-from engine.attacks.blended import Blended, BlendedConfig
+from engine.attacks.triggers.blended import Blended, BlendedConfig
 from engine.attacks.ops import compiled_kernel
 from engine.errors import UserError
 

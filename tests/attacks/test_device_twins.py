@@ -8,30 +8,22 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.attacks.attack_helpers import epoch, load, make_cfg, write_lc_cache
+from tests.attacks.attack_helpers import attack_names, epoch, load, make_cfg, tiny_settings, write_prepared_inputs
 
 from engine.attacks.device import TWINS, device_twin
 from engine.attacks.runtime import build_poison
 from engine.errors import UserError
 
-ATTACKS = ["badnets", "blended", "sig", "wanet", "label_consistent"]
-SETTINGS = {
-    "badnets": ["attack.ratio=0.1", "attack.badnets.pattern=dbd2x2"],
-    "blended": ["attack.ratio=0.1", "attack.blended.alpha=0.2"],
-    "sig": ["attack.ratio=0.5", "attack.clean_label_ratio_of=class"],
-    "wanet": ["attack.ratio=0.1", "attack.wanet.s=2"],  # noise mode on: per-sample grids in training
-    "label_consistent": ["attack.ratio=0.5", "attack.clean_label_ratio_of=class"],
-}
+ATTACKS = attack_names()  # every registered attack, with its own tiny_overrides()
 
 
 @pytest.fixture(scope="module", params=ATTACKS)
 def runtime(request, digits_root, tmp_path_factory):
     name = request.param
     run_dir = tmp_path_factory.mktemp(f"twin-{name}")
-    cfg = make_cfg(digits_root, name, *SETTINGS[name], run_dir=run_dir)
+    cfg = make_cfg(digits_root, name, *tiny_settings(name), run_dir=run_dir)
     meta = json.loads((digits_root / "meta.json").read_text())
-    if name == "label_consistent":
-        write_lc_cache(build_poison(cfg, meta, run_dir), run_dir)
+    write_prepared_inputs(name, cfg, meta, run_dir)
     return build_poison(cfg, meta, run_dir)
 
 
@@ -80,7 +72,7 @@ def test_twin_on_other_windows(runtime, size):
 
 
 def test_an_attack_without_a_twin_is_a_user_error():
-    from engine.attacks.badnets import BadNets
+    from engine.attacks.triggers.badnets import BadNets
 
     class Other(BadNets):  # not registered (no ``name`` of its own in TWINS)
         pass
@@ -92,7 +84,7 @@ def test_an_attack_without_a_twin_is_a_user_error():
 
 
 def test_bad_batches():
-    from engine.attacks.badnets import BadNets, BadNetsConfig
+    from engine.attacks.triggers.badnets import BadNets, BadNetsConfig
 
     twin = device_twin(BadNets.from_config(BadNetsConfig()))
     with pytest.raises(ValueError, match="uint8 NHWC"):

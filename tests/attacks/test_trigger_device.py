@@ -13,26 +13,21 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.attacks.attack_helpers import epoch, make_cfg, write_lc_cache
+from tests.attacks.attack_helpers import epoch, make_cfg, tiny_settings, write_prepared_inputs
 
 from engine.attacks.runtime import build_poison
 from engine.data.run_data import DatasetMeta, RunData
 from engine.runtime.launch import DistInfo
 
-SETTINGS = {
-    "badnets": ["attack.ratio=0.3", "attack.badnets.pattern=dbd2x2"],
-    "wanet": ["attack.ratio=0.1", "attack.wanet.s=2"],  # noise mode on: per-sample grids
-    "label_consistent": ["attack.ratio=0.5", "attack.clean_label_ratio_of=class"],
-}
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None, launcher="test")
 
 
 def _run_data(root, name, run_dir, place: str, *extra: str) -> RunData:
-    cfg = make_cfg(root, name, *SETTINGS[name], "data.num_workers=1", f"data.trigger_device={place}", *extra,
+    cfg = make_cfg(root, name, *tiny_settings(name), "data.num_workers=1", f"data.trigger_device={place}", *extra,
                    run_dir=run_dir)
     meta = json.loads((root / "meta.json").read_text())
-    if name == "label_consistent" and not (run_dir / "lc_perturbations.npy").exists():
-        write_lc_cache(build_poison(cfg, meta, run_dir), run_dir)
+    if place == "loader":  # the first of the two: prepared inputs shared by both
+        write_prepared_inputs(name, cfg, meta, run_dir)
     return RunData(cfg.data, DatasetMeta.from_raw(meta), CPU, cfg.seed, build_poison(cfg, meta, run_dir))
 
 
@@ -60,7 +55,8 @@ def test_device_trigger_equals_the_loader_trigger_on_raw_data(digits_root, tmp_p
 
 @pytest.mark.parametrize("name", ["badnets", "wanet"])
 def test_device_trigger_equals_the_loader_trigger_on_jpeg_data(jpeg48_root, tmp_path, name):
-    _check(jpeg48_root, tmp_path, name, "attack.target=0", "data.decode_size=48", "data.image_size=32")
+    _check(jpeg48_root, tmp_path, name, "attack.target=0", "attack.ratio=0.3", "data.decode_size=48",
+           "data.image_size=32")
 
 
 def _check(root, tmp_path, name, *extra):

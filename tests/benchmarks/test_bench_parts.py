@@ -70,7 +70,7 @@ def test_environment_names_the_machine_and_commit():
 def test_reference_trigger_matches_the_engine_badnets():
     """Both sides of every poisoned comparison must put the same pixels on the image."""
     from benchmarks.reference import BadNetsTrigger
-    from engine.attacks.badnets import BadNets, build_frame
+    from engine.attacks.triggers.badnets import BadNets, build_frame
 
     engine = BadNets(*build_frame("white3x3", 32, ""))
     rng = np.random.default_rng(0)

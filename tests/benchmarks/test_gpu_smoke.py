@@ -128,7 +128,7 @@ def test_two_gloo_processes_follow_the_one_process_run(smoke):
     steps = gpu.SIZES["smoke"]["distributed"]["steps"]
     for run in (one, two):
         assert "error" not in run
-        for stage in gpu.DIST_STAGES:
+        for stage in gpu.dist_stages():
             got = run["runs"][stage]
             assert "error" not in got, (stage, got.get("traceback"))
             assert len(got["losses"]) == steps and all(math.isfinite(v) for v in got["losses"]), stage

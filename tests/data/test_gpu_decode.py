@@ -134,7 +134,8 @@ def test_poisoned_labels_and_trigger(geometry_root, tmp_path):
 
     meta = json.loads((geometry_root / "meta.json").read_text())
     cfg = load_config(None, [f"data.root={geometry_root}", f"data.name={meta['name']}", "attack.name=badnets",
-                             "attack.target=0", "attack.ratio=0.5", f"data.decode_size={SIZE}", f"data.image_size={SIZE}"])
+                             "attack.target=0", "attack.ratio=0.5", f"data.decode_size={SIZE}",
+                             f"data.image_size={SIZE}"])
     rt = build_poison(cfg, meta, tmp_path)
     poison = DevicePoison.of(rt, "train")
     s = spec(geometry_root, shuffle=True, seed=1)
@@ -173,7 +174,7 @@ def test_bad_input(geometry_root, digits_root, tmp_path):
     with pytest.raises(UserError, match="decode size 48"):
         make_gpu_loader(spec(geometry_root, decode_size=32))
     n = len(JpegBeton(beton_path(geometry_root, "train")))
-    from engine.attacks.badnets import BadNets, BadNetsConfig
+    from engine.attacks.triggers.badnets import BadNets, BadNetsConfig
 
     with pytest.raises(UserError, match="built for 3 samples"):
         make_gpu_loader(spec(geometry_root), DevicePoison(BadNets.from_config(BadNetsConfig()), np.ones(3, bool)))

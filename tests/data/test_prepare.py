@@ -19,7 +19,9 @@ def read_all(root, split, decode_size=32, train=True):
                                     num_workers=1, decode_size=decode_size, train=train))
     xs, ys, idx = [], [], []
     for x, y, i in loader:
-        xs.append(x.clone()); ys.append(y.clone()); idx.append(i.clone())
+        xs.append(x.clone())
+        ys.append(y.clone())
+        idx.append(i.clone())
     import torch
     return torch.cat(xs).numpy(), torch.cat(ys).numpy(), torch.cat(idx).numpy()
 
@@ -81,8 +83,11 @@ def test_imagefolder_jpeg_round_trip_with_class_subset(tmp_path):
     paths = [src / "train" / c / f"{k}.jpg" for c in ("fish", "cat") for k in range(3)]
     for img, p in zip(x, paths):
         ref = np.asarray(Image.open(p).convert("RGB"), dtype=np.float32)
-        s = min(ref.shape[:2]); t = (ref.shape[0] - s) // 2; l = (ref.shape[1] - s) // 2
-        ref = np.asarray(Image.fromarray(ref[t:t + s, l:l + s].astype(np.uint8)).resize((32, 32), Image.BOX), np.float32)
+        s = min(ref.shape[:2])
+        t = (ref.shape[0] - s) // 2
+        left = (ref.shape[1] - s) // 2
+        ref = np.asarray(Image.fromarray(ref[t:t + s, left:left + s].astype(np.uint8)).resize((32, 32), Image.BOX),
+                         np.float32)
         # JPEG re-encoding and a different resampler: close, not equal.
         assert np.abs(img.astype(np.float32) - ref).mean() < 12
 
@@ -227,7 +232,8 @@ def test_inspect_corrupt_beton(tmp_path, digits_root, cut, capsys):
 
     blob = (digits_root / "train.beton").read_bytes()
     bad = tmp_path / "bad.beton"
-    bad.write_bytes(blob[:cut] if isinstance(cut, int) and cut > 0 else blob[: int(len(blob) * cut)] if isinstance(cut, float) else blob[:cut])
+    bad.write_bytes(blob[:cut] if isinstance(cut, int) and cut > 0
+                    else blob[: int(len(blob) * cut)] if isinstance(cut, float) else blob[:cut])
     assert main(["inspect", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err

@@ -28,7 +28,9 @@ def read_all(root, split, decode_size):
                                     num_workers=1, decode_size=decode_size, train=False))
     xs, ys, idx = [], [], []
     for x, y, i in loader:
-        xs.append(x.clone()); ys.append(y.clone()); idx.append(i.clone())
+        xs.append(x.clone())
+        ys.append(y.clone())
+        idx.append(i.clone())
     return torch.cat(xs).numpy(), torch.cat(ys).numpy(), torch.cat(idx).numpy()
 
 

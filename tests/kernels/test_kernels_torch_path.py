@@ -59,8 +59,8 @@ def test_identity_sized_crop_is_exact():
     )
     got = torch_path.simclr_unnormalised(images, spec, params)
     for i in range(4):
-        t, l = int(params.top[i]), int(params.left[i])
-        want = F.to_dtype(images[i, t : t + 7, l : l + 7], torch.float32, scale=True)
+        t, left = int(params.top[i]), int(params.left[i])
+        want = F.to_dtype(images[i, t : t + 7, left : left + 7], torch.float32, scale=True)
         assert torch.equal(got[i], want)
 
 

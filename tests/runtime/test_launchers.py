@@ -97,8 +97,9 @@ def test_mpirun(work, digits_root, torchrun2):
 
 
 def test_deepspeed_launcher(work, digits_root, single, torchrun2):
-    cfg = write_config(work, digits_root, "deepspeed", **{"distributed.backend": "deepspeed",
-                                                           "distributed.deepspeed_config": "configs/deepspeed/zero0_fp32.json"})
+    cfg = write_config(work, digits_root, "deepspeed",
+                       **{"distributed.backend": "deepspeed",
+                          "distributed.deepspeed_config": "configs/deepspeed/zero0_fp32.json"})
     proc = check(run([BIN / "deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module", "engine",
                       "run", cfg], timeout=600))
     assert "launcher=deepspeed world_size=2" in proc.stdout

@@ -116,7 +116,8 @@ def test_checkpoint_roundtrip_restores_everything(tmp_path, clean_env, backend, 
     try:
         make = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
         torch.manual_seed(0)
-        a = build_backend(_tiny_model(), make, cfg.distributed, Precision(cfg.precision), dist, sync_bn=True, per_rank_batch=8)
+        a = build_backend(_tiny_model(), make, cfg.distributed, Precision(cfg.precision), dist, sync_bn=True,
+                          per_rank_batch=8)
         _train(a, 3)
         ck = Checkpointer(tmp_path, a, dist)
         torch.manual_seed(123)
@@ -132,7 +133,8 @@ def test_checkpoint_roundtrip_restores_everything(tmp_path, clean_env, backend, 
         after_a = {k: v.clone() for k, v in a.module.state_dict().items()}
 
         torch.manual_seed(99)
-        b = build_backend(_tiny_model(), make, cfg.distributed, Precision(cfg.precision), dist, sync_bn=True, per_rank_batch=8)
+        b = build_backend(_tiny_model(), make, cfg.distributed, Precision(cfg.precision), dist, sync_bn=True,
+                          per_rank_batch=8)
         res = Checkpointer(tmp_path, b, dist).load_latest()
         assert (res["epoch"], res["step"]) == (1, 3)
         assert res["stage_state"]["lambda_u_epoch"] == 4 and torch.equal(res["stage_state"]["ema"], torch.arange(3.0))
@@ -151,8 +153,8 @@ def test_checkpoints_keep_two_and_ignore_incomplete(tmp_path, clean_env):
     cfg = load_config(None, ["device=cpu"])
     dist = launch.init_distributed(cfg.device, cfg.distributed)
     try:
-        backend = build_backend(_tiny_model(), lambda p: torch.optim.SGD(p, lr=0.1), cfg.distributed, Precision(cfg.precision),
-                                dist, sync_bn=False)
+        backend = build_backend(_tiny_model(), lambda p: torch.optim.SGD(p, lr=0.1), cfg.distributed,
+                                Precision(cfg.precision), dist, sync_bn=False)
         ck = Checkpointer(tmp_path, backend, dist)
         for step in (2, 4, 6):
             ck.save(0, step, {})

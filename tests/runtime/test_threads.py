@@ -67,7 +67,8 @@ def test_init_distributed_sets_the_share_of_the_local_rank(local_world):
 def test_an_ffcv_loader_leaves_torch_threads_alone(digits_root, ffcv_first):
     # 3 threads: neither FFCV's import-time 1 nor the loader's 2 workers. ``ffcv_first``:
     # FFCV imported (its import sets torch to 1 thread) before the engine sets its count.
-    code = ("import ffcv.loader\n" if ffcv_first else "") + "OVERRIDES = ['runtime.threads=3']\n" + textwrap.dedent(_INIT) + f"""
+    code = (("import ffcv.loader\n" if ffcv_first else "") + "OVERRIDES = ['runtime.threads=3']\n"
+            + textwrap.dedent(_INIT) + f"""
 from engine.data.loaders import LoaderSpec, make_loader
 from ffcv.pipeline.compiler import Compiler
 seen = [torch.get_num_threads()]
@@ -81,7 +82,7 @@ for epoch in range(2):
         n += len(labels)
         seen.append(torch.get_num_threads())
 print(json.dumps({{"seen": sorted(set(seen)), "n": n, "numba": Compiler.num_threads}}))
-"""
+""")
     got = _python(code)
     assert got["n"] == 2 * 450
     assert got["seen"] == [3]

@@ -36,15 +36,29 @@ class BlockFFCV(importlib.abc.MetaPathFinder):
 
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("kernels", "engine.models", "engine.losses", "engine.runtime", "engine.stages")
-STAGES = ("supervised", "pretrain", "linear", "finetune", "finetune_labelled")
+PACKAGES = ("kernels", "engine.models", "engine.losses", "engine.runtime", "engine.stages", "engine.defenses")
 STEPS = 2
 N_TRAIN, N_TEST, CLASSES = 64, 32, 10
-# Width 4, batches of 16 (8 for fine-tuning: the split's halves hold 32 samples each).
-TINY = ["device=cpu", "model.width=4", "model.proj_hidden=16", "model.proj_dim=8", "logging.progress=false",
-        "attack.name=none", "data.horizontal_flip=false", "supervised.batch_size=16", "pretrain.batch_size=16",
-        "linear.batch_size=16", "finetune.batch_size=8", "finetune.iterations_per_epoch=4",
-        "finetune_labelled.batch_size=8"]
+# Width 4; each stage's own tiny batch sizes (Stage.tiny_overrides: batches of 16, 8 for
+# fine-tuning, whose split halves hold 32 samples each).
+BASE_TINY = ["device=cpu", "model.width=4", "model.proj_hidden=16", "model.proj_dim=8", "logging.progress=false",
+             "attack.name=none", "data.horizontal_flip=false"]
+
+
+def stage_names() -> tuple[str, ...]:
+    """Every registered stage, each after those it needs (the matrix runs them in turn).
+    A function, not a constant: the child must block FFCV before the engine is imported."""
+    from engine.stages.base import stages_in_order
+
+    return stages_in_order()
+
+
+def tiny() -> list[str]:
+    from engine.stages import STAGES
+
+    return BASE_TINY + [o for name in stage_names() for o in STAGES[name].tiny_overrides()]
+
+
 JSONS = ("zero0_fp32", "zero0_bf16", "zero1_bf16", "zero2_bf16", "zero0_fp16", "zero2_fp16")
 NATIVE_BF16 = "zero2_bf16_native"  # zero2_fp16.json with DeepSpeed's own bf16 in place of its fp16
 
@@ -56,7 +70,7 @@ def import_all() -> dict:
     for pkg in PACKAGES:
         try:
             mod = importlib.import_module(pkg)
-            names = [pkg] + [f"{pkg}.{m.name}" for m in pkgutil.iter_modules(mod.__path__)]
+            names = [pkg] + [m.name for m in pkgutil.walk_packages(mod.__path__, prefix=f"{pkg}.")]
         except Exception as e:  # noqa: BLE001 - recorded for the test to name
             out[pkg] = f"{type(e).__name__}: {e}"
             continue
@@ -154,11 +168,13 @@ def main(mode: str, out: Path) -> None:
     if mode == "imports":
         result["imports"] = import_all()
     # One process group for every stage built here (DeepSpeed keeps the first it sees).
+    TINY = tiny()
     base = load_config(None, TINY + ["distributed.backend=deepspeed"] if mode == "deepspeed" else TINY)
     dist = init_distributed(base.device, base.distributed, base.runtime)
     runs = {}
     cfg = load_config(None, TINY + [f"run_dir={work / 'ddp'}"])
     data = memory_data(cfg, dist)
+    STAGES = stage_names()
     for name in STAGES:
         runs[f"ddp/{name}"] = _guarded(run_stage, cfg, name, work / "ddp", dist, data)
     if mode == "deepspeed":

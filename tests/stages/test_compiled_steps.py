@@ -29,7 +29,8 @@ def test_compiled_mixmatch_step_matches_eager(digits_root, tmp_path, mode):
     for compiled in (False, True):
         run_dir = tmp_path / ("compiled" if compiled else "eager")
         _linear_upstream(run_dir, cfg, epochs=1)
-        _, stage = _stage(digits_root, run_dir, "finetune", WIDTH, "finetune.batch_size=8", "finetune.adam_from_linear=false",
+        _, stage = _stage(digits_root, run_dir, "finetune", WIDTH, "finetune.batch_size=8",
+                          "finetune.adam_from_linear=false",
                           "distributed.channels_last=false", f"distributed.compile={str(compiled).lower()}",
                           f"distributed.compile_mode={mode}")
         stage.on_epoch_start(0)

@@ -25,7 +25,9 @@ from torch import nn
 from engine.config import load_config
 from engine.runtime.backends import cast_inputs_to_parameters, resolve_ds_config
 from tests.runtime.helpers import REPO, check, run
-from tests.stages.stage_matrix import JSONS, NATIVE_BF16, STAGES
+from tests.stages.stage_matrix import JSONS, NATIVE_BF16, stage_names
+
+STAGES = stage_names()
 
 NATIVE = {"zero2_fp16": "torch.float16", NATIVE_BF16: "torch.bfloat16"}  # DeepSpeed owns the weights' dtype
 

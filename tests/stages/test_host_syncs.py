@@ -19,15 +19,14 @@ from engine.fsutil import write_json
 from engine.runtime.checkpoint import save_final_model
 from engine.runtime.host_sync import HostSyncCounter
 
+from engine.stages import STAGES as REGISTERED
 from tests.stages.test_stage_steps import TINY, _first_batch, _linear_upstream, _stage
 
-STAGES = {
-    "supervised": ["supervised.batch_size=16"],
-    "pretrain": ["pretrain.batch_size=16", "pretrain.sync_bn=false"],
-    "linear": ["linear.batch_size=16"],
-    "finetune": ["finetune.batch_size=8", "finetune.adam_from_linear=false", "finetune.ema_decay=0.99"],
-    "finetune_labelled": ["finetune_labelled.batch_size=8"],
-}
+# Each stage's own tiny settings, plus what this test needs besides: no synchronised
+# BatchNorm (one process), and the fine-tuning paths that a host sync could hide in.
+EXTRA = {"pretrain": ["pretrain.sync_bn=false"],
+         "finetune": ["finetune.adam_from_linear=false", "finetune.ema_decay=0.99"]}
+STAGES = {name: [*cls.tiny_overrides(), *EXTRA.get(name, [])] for name, cls in REGISTERED.items()}
 
 
 def _upstream(name: str, run_dir: Path, root: Path) -> None:

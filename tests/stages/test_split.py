@@ -14,7 +14,7 @@ from torch import nn
 
 from engine.config import load_config
 from engine.data.prepare import prepare
-from engine.stages.split import Split, rank_batches, select_lowest
+from engine.defenses.dbd.split import Split, rank_batches, select_lowest
 from tests.builders import PALETTE, write_color_cifar
 
 
@@ -52,7 +52,7 @@ def make_data(root: Path, run_dir: Path, rank: int = 0, world: int = 1):
 
 def split_once(root: Path, run_dir: Path, rank: int = 0, world: int = 1):
     from engine.runtime.precision import Precision
-    from engine.stages.split import compute_split
+    from engine.defenses.dbd.split import compute_split
     from engine.stages.views import WeakAugment
 
     cfg, data = make_data(root, run_dir, rank, world)

@@ -21,8 +21,8 @@ ATTACK = {f"attack.{k}" for k in ("name", "target", "ratio", "label_mode", "sele
 # cuDNN's algorithm search change nothing; the DeepSpeed JSON counts only under DeepSpeed).
 NUMERICS = {"device", "distributed.backend"}
 COMMON = {"data.image_size", "data.decode_size", "data.decode_device", "data.mean", "data.std", "data.horizontal_flip",
-          "model", "seed", "precision", "distributed.batch_semantics", "distributed.lr_scaling", "distributed.grad_clip"} | ATTACK \
-    | NUMERICS
+          "model", "seed", "precision", "distributed.batch_semantics", "distributed.lr_scaling",
+          "distributed.grad_clip"} | ATTACK | NUMERICS
 EXPECTED = {
     "supervised": COMMON | {"supervised"},
     "pretrain": COMMON | {"pretrain"},

@@ -56,7 +56,7 @@ from engine.settings import to_dict
 from engine.stages import STAGES
 from engine.stages.base import INPUTS
 from engine.stages.keys import SPEED_ONLY, declared_prefixes
-from engine.stages.supervised import Supervised
+from engine.defenses.none.supervised import Supervised
 from tests.sweep.test_sweep_run import TINY
 
 # The code objects that read each field in ``to_dict``: its inner ``conv`` and, before

@@ -135,7 +135,8 @@ def test_leaderboard_of_the_sweep(killed_then_finished):
         final = json.loads((cell / "finetune" / "done.json").read_text())
         baseline = json.loads((out / "cells" / f"attack.name-{attack}__finetune.batch_size-16__defense-none"
                                / "supervised" / "done.json").read_text())
-        assert float(dbd_row["BA"]) == pytest.approx(final["BA"]) and float(dbd_row["ASR"]) == pytest.approx(final["ASR"])
+        assert (float(dbd_row["BA"]) == pytest.approx(final["BA"])
+                and float(dbd_row["ASR"]) == pytest.approx(final["ASR"]))
         assert float(dbd_row["BA_drop"]) == pytest.approx(baseline["BA"] - final["BA"])
         assert float(dbd_row["ASR_reduction"]) == pytest.approx(baseline["ASR"] - final["ASR"])
         split = json.loads((cell / "summary.json").read_text())["finetune"]["split"]

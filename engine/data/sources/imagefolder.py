@@ -87,7 +87,8 @@ def _scan(split_dir: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
         d = split_dir / c
         if not d.is_dir():
             raise UserError(f"class folder missing: {d}")
-        files = sorted(str(p) for p in d.iterdir() if p.is_file() and p.suffix in EXTENSIONS | {e.lower() for e in EXTENSIONS})
+        files = sorted(str(p) for p in d.iterdir()
+                       if p.is_file() and p.suffix in EXTENSIONS | {e.lower() for e in EXTENSIONS})
         if not files:
             raise UserError(f"class folder {d} is empty")
         paths += files

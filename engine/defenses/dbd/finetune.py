@@ -2,7 +2,7 @@
 
 At the start of each epoch the current model (eval mode) scores every training sample
 with symmetric CE under training augmentation; the lowest ``epsilon`` fraction keeps
-its (possibly poisoned) label, the rest become unlabelled (engine.stages.split). Then
+its (possibly poisoned) label, the rest become unlabelled (engine.defenses.dbd.split). Then
 ``iterations_per_epoch`` MixMatch steps: K weak views per unlabelled image, guessed
 labels sharpened with T, mixup over labelled + unlabelled with lambda = max(l, 1 - l),
 interleaved forwards so every BatchNorm batch mixes both parts, Lx + lambda_u * ramp * Lu
@@ -25,8 +25,8 @@ from engine.runtime.batching import plan_batch
 from engine.runtime.seeds import seed_stream
 from engine.settings import WeakViewConfig, check
 from engine.stages.base import INPUTS, Stage
-from engine.stages.linear import OPTIMIZER
-from engine.stages.split import EpochSplit
+from engine.defenses.dbd.linear import OPTIMIZER
+from engine.defenses.dbd.split import EpochSplit
 from engine.stages.views import WeakAugment
 from engine.stages.weights import load_weights
 
@@ -97,6 +97,10 @@ class Finetune(Stage):
     depends_on = INPUTS
     needs = ("linear",)
     default_position = 3
+
+    @classmethod
+    def tiny_overrides(cls) -> list[str]:
+        return ["finetune.batch_size=8", "finetune.iterations_per_epoch=4"]
 
     def build(self) -> None:
         c, env = self.config, self.env

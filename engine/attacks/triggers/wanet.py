@@ -114,6 +114,10 @@ class WaNet(Attack):
         self.amplitude = noise_amplitude(self.field.shape[:2])
 
     @classmethod
+    def tiny_overrides(cls) -> list[str]:
+        return ["attack.ratio=0.1", "attack.wanet.s=2"]  # noise mode on: per-sample grids in training
+
+    @classmethod
     def from_config(cls, section: WaNetConfig, ctx) -> "WaNet":
         # The test-time warp never has noise (the spec's poisoned test set).
         return cls.build(section, ctx.frame, noise=ctx.plan.noise if ctx.train else None, noise_seed=ctx.seed)

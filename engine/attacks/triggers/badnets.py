@@ -133,6 +133,10 @@ class BadNets(Attack):
         self.mask = np.ascontiguousarray(mask, dtype=bool)
 
     @classmethod
+    def tiny_overrides(cls) -> list[str]:
+        return ["attack.ratio=0.1", "attack.badnets.pattern=dbd2x2"]
+
+    @classmethod
     def from_config(cls, section: BadNetsConfig, ctx=None) -> "BadNets":
         return cls(*build_frame(section.pattern, section.pattern_size, section.position))
 

@@ -28,7 +28,7 @@ class BlendedConfig:
     # project does not ship), or "noise": seeded uniform noise, the image-free deviation.
     pattern: str = "noise"
     pattern_seed: int = 0
-    resample: str = "bicubic"  # PIL filter resizing an image pattern: bicubic (DBD) | bilinear (BackdoorBench) | nearest
+    resample: str = "bicubic"  # PIL filter resizing image patterns: bicubic (DBD) | bilinear (BackdoorBench) | nearest
 
     @staticmethod
     def input_files(section: dict, run_dir: str) -> dict[str, str]:
@@ -84,6 +84,10 @@ class Blended(Attack):
             raise ValueError(f"pattern must be uint8 (h, w, 3), got {pattern.dtype} {pattern.shape}")
         self.pattern = np.ascontiguousarray(pattern)
         self.alpha = float(alpha)
+
+    @classmethod
+    def tiny_overrides(cls) -> list[str]:
+        return ["attack.ratio=0.1", "attack.blended.alpha=0.2"]
 
     @classmethod
     def from_config(cls, section: BlendedConfig, ctx) -> "Blended":

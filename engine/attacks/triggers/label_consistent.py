@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from numba import carray, njit
 
-from engine.attacks.badnets import patch_kernel
+from engine.attacks.triggers.badnets import patch_kernel
 from engine.attacks.base import Attack, as_pointer, check_images, resample_nearest
 from engine.errors import UserError, check
 
@@ -125,12 +125,39 @@ class LabelConsistent(Attack):
     per_sample_training = True  # each poisoned sample has its own perturbation
 
     @classmethod
+    def tiny_overrides(cls) -> list[str]:
+        # Clean-label: half the target class (digits: about 68 images).
+        return ["attack.ratio=0.5", "attack.clean_label_ratio_of=class"]
+
+    @classmethod
     def from_config(cls, section: LabelConsistentConfig, ctx) -> "LabelConsistent":
         if not ctx.train:
             return cls()
         pert, rows = load_perturbations(section, ctx.run_dir, ctx.meta, ctx.frame, ctx.plan.poisoned_indices,
                                         len(ctx.plan.true_labels))
         return cls(pert, rows)
+
+    @classmethod
+    def prepare(cls, cfg, runtime, *, force: bool = False, log=print) -> bool:
+        """The PGD perturbation cache: computed, unless a valid one exists (``force``
+        recomputes)."""
+        if not force:
+            try:
+                runtime.train_attack()
+            except UserError:
+                pass  # missing or stale: compute it below
+            else:
+                log(f"perturbations up to date: {cache_paths(cfg.attack.label_consistent, runtime.run_dir)[0]} "
+                    f"(--force recomputes)")
+                return True
+        prepare(cfg, runtime.meta, runtime, runtime.run_dir, log=log)
+        return True
+
+    @classmethod
+    def preview_stand_in(cls, runtime) -> "LabelConsistent":
+        # Without the PGD cache the training trigger cannot be drawn; the corner pattern
+        # alone still shows where the trigger goes.
+        return runtime.test_attack()
 
     @classmethod
     def trigger_settings(cls, section: LabelConsistentConfig) -> dict:
@@ -233,7 +260,8 @@ def load_perturbations(lc_cfg, run_dir: Path | None, meta: dict, frame: tuple[in
         raise UserError(f"label-consistent perturbation cache {npy} is unreadable ({e}): {hint}") from None
     if info.get("content_hash") != meta["content_hash"]:
         raise UserError(f"label-consistent perturbations {npy} were computed for another dataset "
-                        f"(hash {str(info.get('content_hash'))[:12]}, data.root has {meta['content_hash'][:12]}): {hint}")
+                        f"(hash {str(info.get('content_hash'))[:12]}, "
+                        f"data.root has {meta['content_hash'][:12]}): {hint}")
     indices = np.asarray(info.get("indices", []), dtype=np.int64)
     if arr.ndim != 4 or arr.shape[0] != len(indices) or tuple(arr.shape[1:3]) != tuple(frame) or arr.shape[3] != 3:
         raise UserError(f"label-consistent perturbations {npy} have shape {arr.shape}, expected "

@@ -21,7 +21,7 @@ from engine.runtime.backends import build_backend
 from engine.runtime.batching import plan_batch
 from engine.settings import WeakViewConfig, check
 from engine.stages.classifier import ClassifierStage
-from engine.stages.split import EpochSplit
+from engine.defenses.dbd.split import EpochSplit
 from engine.stages.views import WeakAugment
 from engine.stages.weights import load_weights
 from engine.stages.base import INPUTS
@@ -53,6 +53,10 @@ class FinetuneLabelled(ClassifierStage):
     # What the result depends on besides this section and ``needs`` (engine.stages.keys).
     depends_on = INPUTS
     needs = ("linear",)
+
+    @classmethod
+    def tiny_overrides(cls) -> list[str]:
+        return ["finetune_labelled.batch_size=8"]
 
     def build(self) -> None:
         c, env = self.config, self.env

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.models import Classifier
+from engine.rundir import NO_DEFENSE
 from engine.runtime.backends import build_backend
 from engine.runtime.batching import plan_batch
 from engine.settings import WeakViewConfig, check
@@ -45,10 +46,14 @@ class Supervised(ClassifierStage):
     name = "supervised"
     config_class = SupervisedConfig
     label = "no defense"
-    defense = "none"
+    defense = NO_DEFENSE
     # What the result depends on besides this section and ``needs`` (engine.stages.keys).
     depends_on = INPUTS
     default_position = 0
+
+    @classmethod
+    def tiny_overrides(cls) -> list[str]:
+        return ["supervised.batch_size=16"]
 
     def build(self) -> None:
         c, env = self.config, self.env

@@ -87,6 +87,10 @@ class Linear(ClassifierStage):
     needs = ("pretrain",)
     default_position = 2
 
+    @classmethod
+    def tiny_overrides(cls) -> list[str]:
+        return ["linear.batch_size=16"]
+
     def build(self) -> None:
         c, env = self.config, self.env
         plan = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "linear.batch_size")
@@ -104,7 +108,7 @@ class Linear(ClassifierStage):
 
     def save_outputs(self, stage_dir) -> None:
         # The reference keeps one Adam from this warm-up into MixMatch: fine-tuning
-        # continues these moments (engine/stages/finetune.py, finetune.adam_from_linear).
+        # continues these moments (engine/defenses/dbd/finetune.py, finetune.adam_from_linear).
         from engine.fsutil import torch_save
 
         torch_save(stage_dir / OPTIMIZER, adam_state_by_name(self.backend.module, self.backend.optimizer))

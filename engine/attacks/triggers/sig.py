@@ -41,6 +41,11 @@ class SIG(Attack):
         self.profile = column_profile(frame_width, self.delta, self.f)
 
     @classmethod
+    def tiny_overrides(cls) -> list[str]:
+        # Clean-label: half the target class (digits: about 68 images).
+        return ["attack.ratio=0.5", "attack.clean_label_ratio_of=class"]
+
+    @classmethod
     def from_config(cls, section: SIGConfig, ctx) -> "SIG":
         return cls(ctx.frame[1], section.delta, section.f)
 

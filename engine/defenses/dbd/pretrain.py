@@ -84,6 +84,10 @@ class Pretrain(Stage):
     default_position = 1
 
     @classmethod
+    def tiny_overrides(cls) -> list[str]:
+        return ["pretrain.batch_size=16"]
+
+    @classmethod
     def per_layer_optimizer(cls, config: PretrainConfig) -> bool:
         return config.optimizer == "lars"
 

@@ -1,0 +1,29 @@
+"""The defenses: one folder each, holding its stages (and, beside each class, its config).
+
+- ``none/``: the no-defense baseline (``supervised``), the row every defense is measured
+  against;
+- ``dbd/``: DBD (SimCLR ``pretrain``, the ``linear`` SCE head, the ``split`` and the
+  MixMatch ``finetune``; ``finetune_labelled``, its labelled-only ablation).
+
+Importing this package imports every module of every defense folder, and each ``Stage``
+subclass with a ``name`` registers itself in ``engine.stages.base.STAGES``: a new
+defense is one new folder here (engine/stages/README.md has the worked example). The
+shared machinery the stages run on (the Trainer, evaluation, keys and the stage store)
+stays in ``engine.stages``.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+DEFENSES: list[str] = []  # the defense folders, in name order
+
+for _folder in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _folder.ispkg:
+        continue
+    _package = importlib.import_module(f"{__name__}.{_folder.name}")
+    for _module in sorted(pkgutil.iter_modules(_package.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{_package.__name__}.{_module.name}")
+    DEFENSES.append(_folder.name)
+
+__all__ = ["DEFENSES"]
