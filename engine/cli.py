@@ -31,9 +31,36 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="commands:\n" + "\n".join(f"  {n:<16} {h}" for n, (_, h) in COMMANDS.items()))
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action=_Version, help="print the engine's version and commit and the "
+                        "torch / FFCV / DeepSpeed versions, then exit")
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments (COMMAND -h)")
     return parser
+
+
+def version_text() -> str:
+    """What ``dbd --version`` prints: enough to name the code a figure came from."""
+    import platform
+    from importlib import metadata
+
+    from engine.runtime.cost import commit, environment
+
+    versions = environment("cpu", None)["versions"]
+    try:
+        engine_version = metadata.version("dbd-engine")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        engine_version = "not installed"
+    libs = ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items())
+    return f"dbd-engine {engine_version} (commit {commit()})\n{libs}, Python {platform.python_version()}"
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit(0)
 
 
 def build_command_parser(name: str) -> argparse.ArgumentParser:
