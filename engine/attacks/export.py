@@ -35,7 +35,7 @@ def loader_for(cfg, split: str, indices: np.ndarray, poison, batch_size: int = 2
 
     spec = LoaderSpec(root=cfg.data.root, split=split, batch_size=batch_size, shuffle=False, drop_last=False,
                       num_workers=cfg.data.num_workers, indices=np.asarray(indices, dtype=np.int64),
-                      decode_size=cfg.data.decode_size or cfg.data.image_size, train=split == "train",
+                      decode_size=cfg.data.decode_side, train=split == "train",
                       os_cache=cfg.data.os_cache)
     return make_loader(spec, poison=poison)
 

@@ -24,7 +24,7 @@ def frame_of(cfg, meta: dict) -> tuple[int, int]:
     if meta.get("fixed_size"):
         train = meta["splits"]["train"]
         return int(train["height"][0]), int(train["width"][0])
-    side = cfg.data.decode_size or cfg.data.image_size
+    side = cfg.data.decode_side
     return side, side
 
 

@@ -7,14 +7,21 @@
 
 Importing this package imports every module of every defense folder, and each ``Stage``
 subclass with a ``name`` registers itself in ``engine.stages.base.STAGES``: a new
-defense is one new folder here (engine/stages/README.md has the worked example). The
+defense is one new folder here, or in a folder named by ``DBD_DEFENSE_PATH``
+(engine/stages/README.md has the worked example). The
 shared machinery the stages run on (the Trainer, evaluation, keys and the stage store)
 stays in ``engine.stages``.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+
+# Folders of defenses kept outside this tree (a lab's own, or a test's throwaway one),
+# separated by os.pathsep: each folder in them is a defense, loaded like those here.
+PATH_ENV = "DBD_DEFENSE_PATH"
+__path__ = [*__path__, *(p for p in os.environ.get(PATH_ENV, "").split(os.pathsep) if p)]
 
 DEFENSES: list[str] = []  # the defense folders, in name order
 

@@ -30,7 +30,7 @@ from torch import nn
 from engine.errors import UserError
 from engine.runtime.syncbn import convert_sync_batchnorm, needs_conversion
 
-from engine.runtime.precision import DTYPES, Precision
+from engine.runtime.precision import DTYPES, Precision, autocast_context
 
 _DTYPES = {k: v for k, v in DTYPES.items() if k != "fp32"}
 TRAIN_STATE = "train_state.pt"
@@ -351,9 +351,7 @@ class DeepSpeedBackend(TrainBackend):
             engine.compile(compile_kwargs={"mode": distributed.compile_mode})
 
     def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast_context(self.device, self.autocast_dtype)
 
     def _cast(self, x: Any) -> Any:
         # DeepSpeed's own bf16/fp16 modes convert the weights and expect matching inputs.

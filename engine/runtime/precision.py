@@ -30,11 +30,16 @@ class Precision:
         return None if self.name == "fp32" else DTYPES[self.name]
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        dtype = self.autocast_dtype
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
+        return autocast_context(device, self.autocast_dtype)
 
     def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler | None:
         """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
         return torch.amp.GradScaler(device.type) if self.name == "fp16" else None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The one place autocast is built: ``dtype`` on ``device``, or nothing for None (fp32).
+    DeepSpeed's backend calls it with the dtype of its config's ``torch_autocast``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -141,112 +141,149 @@ class Trainer:
     def fit(self) -> LoopResult:
         """Train ``stage.epochs`` epochs of ``stage.steps_per_epoch`` steps, resuming if a checkpoint exists."""
         env, stage = self.env, self.stage
-        dist, backend = env.dist, stage.backend
-        epochs, steps_per_epoch, images_per_step = stage.epochs, stage.steps_per_epoch, stage.images_per_step
-        if epochs < 1 or steps_per_epoch < 1:
+        if stage.epochs < 1 or stage.steps_per_epoch < 1:
             raise UserError(f"stage {env.name}: needs at least one epoch and one step per epoch "
-                            f"(got {epochs} epochs of {steps_per_epoch} steps)")
-        log_every = max(0, int(self.logging.log_every))
-        ckpt_every = self.checkpoint_every
+                            f"(got {stage.epochs} epochs of {stage.steps_per_epoch} steps)")
+        checkpointer = Checkpointer(env.stage_dir, stage.backend, env.dist)
+        loop = self._resume(checkpointer)
+        total = stage.epochs * stage.steps_per_epoch
+        progress = Progress(total=total, desc=env.name, enabled=bool(self.logging.progress) and env.dist.is_main,
+                            initial=min(loop.global_step, total))
         fault = parse_fault(os.environ.get(FAULT_ENV, ""))
-        checkpointer = Checkpointer(env.stage_dir, backend, dist)
-
-        start_epoch, start_step, global_step = 0, 0, 0
-        history: list[dict] = []
-        carried: dict[str, float] = {}  # epoch sums (already rank-averaged) from before a resume
-        carried_count = 0
-        res = checkpointer.load_latest()
-        if res is not None:
-            state = res["stage_state"]
-            loop_state = state.get("loop", {})
-            history = list(loop_state.get("history", []))
-            global_step = int(loop_state.get("global_step", 0))
-            carried = dict(loop_state.get("partial_sums", {}))
-            carried_count = int(loop_state.get("partial_count", 0))
-            self.carried_cost = dict(loop_state.get("cost", {}))
-            stage.load_state_dict(state.get("user", {}))
-            start_epoch, start_step = res["epoch"], res["step"]
-            if start_step >= steps_per_epoch:
-                start_epoch, start_step = start_epoch + 1, 0
-            if dist.is_main:
-                print(f"[{env.name}] resuming from {res['path']} (epoch {start_epoch}, step {start_step})", flush=True)
-
-        total = epochs * steps_per_epoch
-        progress = Progress(total=total, desc=env.name, enabled=bool(self.logging.progress) and dist.is_main,
-                            initial=min(global_step, total))
-        run_images, run_seconds = 0, 0.0
-
-        def checkpoint(epoch: int, step: int, sums: dict, count: int) -> None:
-            loop_state = {"history": history, "global_step": global_step,
-                          "partial_sums": dist.mean_over_ranks(sums) if count else {}, "partial_count": count,
-                          "cost": self._cost_so_far()}
-            checkpointer.save(epoch, step, {"user": stage.state_dict(), "loop": loop_state})
-
         try:
-            for epoch in range(start_epoch, epochs):
-                backend.train()
-                stage.on_epoch_start(epoch)
-                first = start_step if epoch == start_epoch else 0
-                if first and res is not None and res.get("rng") is not None:
-                    set_rng_state(res["rng"], dist.device)
-                sums: dict[str, Any] = dict(carried) if first else {}
-                count = carried_count if first else 0
-                iterator = iter(stage.batches(epoch))
-                # The epoch order is deterministic: skipping reproduces the interrupted run.
-                for _ in itertools.islice(iterator, first):
-                    pass
-                t_epoch = time.perf_counter()
-                t_log, images_since_log = t_epoch, 0
-                ran = 0
-                for step in range(first, steps_per_epoch):
-                    try:
-                        batch = next(iterator)
-                    except StopIteration:
-                        break
-                    if fault is not None:
-                        maybe_fault(fault, global_step, dist.rank, env.stage_dir)
-                    out = stage.train_step(batch, epoch, step)
-                    global_step += 1
-                    ran += 1
-                    count += 1
-                    images_since_log += images_per_step
-                    for k, v in out.items():
-                        v = v.detach().float() if torch.is_tensor(v) else float(v)
-                        sums[k] = sums[k] + v if k in sums else v
-                    logged = None
-                    if log_every and global_step % log_every == 0:
-                        logged = dist.mean_over_ranks(out)
-                        now = time.perf_counter()
-                        rate = images_since_log / max(now - t_log, 1e-9)
-                        t_log, images_since_log = now, 0
-                        if dist.is_main:
-                            env.metrics.log("step", epoch=epoch, step=step, global_step=global_step - 1,
-                                            lr=backend.get_lr(), images_per_second=round(rate, 2),
-                                            **_loss_scale(backend), **logged)
-                    progress.update(images_per_step,
-                                    **({"loss": logged["loss"]} if logged and "loss" in logged else {}))
-                    if ckpt_every and global_step % ckpt_every == 0 and step + 1 < steps_per_epoch:
-                        checkpoint(epoch, step + 1, sums, count)
-                if hasattr(iterator, "close"):
-                    iterator.close()
-                seconds = time.perf_counter() - t_epoch
-                run_images += ran * images_per_step
-                run_seconds += seconds
-                means = {k: v / max(count, 1) for k, v in dist.mean_over_ranks(sums).items()}
-                record = {"epoch": epoch, "steps": count, "global_step": global_step, "lr": backend.get_lr(),
-                          "images_per_second": round(ran * images_per_step / max(seconds, 1e-9), 2), **means}
-                record.update(_plain(self.evaluate(epoch)))
-                history.append(record)
-                if dist.is_main:
-                    env.metrics.log("epoch", **record)
-                carried, carried_count = {}, 0
-                checkpoint(epoch + 1, 0, {}, 0)
+            for epoch in range(loop.start_epoch, stage.epochs):
+                self._epoch(loop, epoch, checkpointer, progress, fault)
         finally:
             progress.close()
-
-        return LoopResult(epochs=len(history), global_step=global_step, history=history,
-                          images_per_second=run_images / run_seconds if run_seconds > 0 else 0.0,
+        res = loop.resumed
+        return LoopResult(epochs=len(loop.history), global_step=loop.global_step, history=loop.history,
+                          images_per_second=loop.images / loop.seconds if loop.seconds > 0 else 0.0,
                           resumed_from=str(res["path"]) if res is not None else None)
+
+    def _resume(self, checkpointer: Checkpointer) -> "_Loop":
+        """The loop's state: fresh, or from the newest checkpoint (mid-epoch included)."""
+        env, stage = self.env, self.stage
+        res = checkpointer.load_latest()
+        if res is None:
+            return _Loop()
+        state = res["stage_state"]
+        loop_state = state.get("loop", {})
+        self.carried_cost = dict(loop_state.get("cost", {}))
+        stage.load_state_dict(state.get("user", {}))
+        start_epoch, start_step = res["epoch"], res["step"]
+        if start_step >= stage.steps_per_epoch:
+            start_epoch, start_step = start_epoch + 1, 0
+        if env.dist.is_main:
+            print(f"[{env.name}] resuming from {res['path']} (epoch {start_epoch}, step {start_step})", flush=True)
+        return _Loop(history=list(loop_state.get("history", [])), global_step=int(loop_state.get("global_step", 0)),
+                     carried=dict(loop_state.get("partial_sums", {})),
+                     carried_count=int(loop_state.get("partial_count", 0)),
+                     start_epoch=start_epoch, start_step=start_step, resumed=res)
+
+    def _checkpoint(self, loop: "_Loop", checkpointer: Checkpointer, epoch: int, step: int, sums: dict,
+                    count: int) -> None:
+        loop_state = {"history": loop.history, "global_step": loop.global_step,
+                      "partial_sums": self.env.dist.mean_over_ranks(sums) if count else {}, "partial_count": count,
+                      "cost": self._cost_so_far()}
+        checkpointer.save(epoch, step, {"user": self.stage.state_dict(), "loop": loop_state})
+
+    def _epoch(self, loop: "_Loop", epoch: int, checkpointer: Checkpointer, progress: Progress, fault) -> None:
+        """One epoch from its first step not yet run: steps, then the epoch record,
+        evaluation and the epoch-end checkpoint."""
+        env, stage = self.env, self.stage
+        stage.backend.train()
+        stage.on_epoch_start(epoch)
+        first = loop.start_step if epoch == loop.start_epoch else 0
+        res = loop.resumed
+        if first and res is not None and res.get("rng") is not None:
+            set_rng_state(res["rng"], env.dist.device)
+        ep = _Epoch(sums=dict(loop.carried) if first else {}, count=loop.carried_count if first else 0)
+        iterator = iter(stage.batches(epoch))
+        # The epoch order is deterministic: skipping reproduces the interrupted run.
+        for _ in itertools.islice(iterator, first):
+            pass
+        ep.t_start = ep.t_log = time.perf_counter()
+        for step in range(first, stage.steps_per_epoch):
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            if fault is not None:
+                maybe_fault(fault, loop.global_step, env.dist.rank, env.stage_dir)
+            self._step(loop, ep, epoch, step, batch, progress)
+            if self.checkpoint_every and loop.global_step % self.checkpoint_every == 0 \
+                    and step + 1 < stage.steps_per_epoch:
+                self._checkpoint(loop, checkpointer, epoch, step + 1, ep.sums, ep.count)
+        if hasattr(iterator, "close"):
+            iterator.close()
+        self._end_epoch(loop, ep, epoch)
+        self._checkpoint(loop, checkpointer, epoch + 1, 0, {}, 0)
+
+    def _step(self, loop: "_Loop", ep: "_Epoch", epoch: int, step: int, batch, progress: Progress) -> None:
+        """One training step, its sums, and (every ``logging.log_every`` steps) its record."""
+        env, stage = self.env, self.stage
+        out = stage.train_step(batch, epoch, step)
+        loop.global_step += 1
+        ep.ran += 1
+        ep.count += 1
+        ep.images_since_log += stage.images_per_step
+        for k, v in out.items():
+            v = v.detach().float() if torch.is_tensor(v) else float(v)
+            ep.sums[k] = ep.sums[k] + v if k in ep.sums else v
+        logged = None
+        log_every = max(0, int(self.logging.log_every))
+        if log_every and loop.global_step % log_every == 0:
+            logged = env.dist.mean_over_ranks(out)
+            now = time.perf_counter()
+            rate = ep.images_since_log / max(now - ep.t_log, 1e-9)
+            ep.t_log, ep.images_since_log = now, 0
+            if env.dist.is_main:
+                env.metrics.log("step", epoch=epoch, step=step, global_step=loop.global_step - 1,
+                                lr=stage.backend.get_lr(), images_per_second=round(rate, 2),
+                                **_loss_scale(stage.backend), **logged)
+        progress.update(stage.images_per_step, **({"loss": logged["loss"]} if logged and "loss" in logged else {}))
+
+    def _end_epoch(self, loop: "_Loop", ep: "_Epoch", epoch: int) -> None:
+        """The epoch's record: mean losses over ranks, images/s, evaluation; logged on rank 0."""
+        env, stage = self.env, self.stage
+        seconds = time.perf_counter() - ep.t_start
+        loop.images += ep.ran * stage.images_per_step
+        loop.seconds += seconds
+        means = {k: v / max(ep.count, 1) for k, v in env.dist.mean_over_ranks(ep.sums).items()}
+        record = {"epoch": epoch, "steps": ep.count, "global_step": loop.global_step, "lr": stage.backend.get_lr(),
+                  "images_per_second": round(ep.ran * stage.images_per_step / max(seconds, 1e-9), 2), **means}
+        record.update(_plain(self.evaluate(epoch)))
+        loop.history.append(record)
+        if env.dist.is_main:
+            env.metrics.log("epoch", **record)
+        loop.carried, loop.carried_count = {}, 0
+
+
+@dataclass
+class _Loop:
+    """What the training loop carries from epoch to epoch and into its checkpoints."""
+
+    history: list[dict] = field(default_factory=list)
+    global_step: int = 0
+    carried: dict = field(default_factory=dict)  # epoch sums (already rank-averaged) from before a resume
+    carried_count: int = 0
+    start_epoch: int = 0
+    start_step: int = 0
+    resumed: dict | None = None  # the checkpoint resumed from
+    images: int = 0  # trained in this process's run, for its images/s
+    seconds: float = 0.0
+
+
+@dataclass
+class _Epoch:
+    """One epoch's running sums and its throughput clock."""
+
+    sums: dict[str, Any]
+    count: int
+    ran: int = 0  # steps run in this process (count also holds those before a resume)
+    t_start: float = 0.0
+    t_log: float = 0.0
+    images_since_log: int = 0
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,11 +1,11 @@
 """``data.trigger_device: device`` (engine/data/device_trigger.py) against the default,
-where the loader draws the trigger: the run's loaders (training in its shuffled
-order, a subset of it, the feature loader, the poisoned test set) delivers the same images,
-labels and indices, for every attack, on fixed-size raw data (digits) and on JPEG data
-stored at a decode geometry. The loader's own trigger is the oracle; it is held against
-the NumPy references in test_attack_ops.py, and every attack's twin against it in
-test_device_twins.py, so here the attacks are those with per-sample state (WaNet's noise
-grids, label-consistent's perturbations) and the plain patch on JPEG data."""
+where the loader draws the trigger: the run's loaders (training in its shuffled order, a
+subset of it, the poisoned test set; the scoring and feature loaders take the same code
+path) deliver the same images, labels and indices, on fixed-size raw data (digits) and
+on JPEG data stored at a decode geometry. The loader's own trigger is the oracle; it is
+held against the NumPy references in test_attack_ops.py, and every attack's twin
+against it in test_device_twins.py, so here the attacks are those with per-sample state
+(WaNet's noise grids, label-consistent's perturbations) and the plain patch on JPEG data."""
 from __future__ import annotations
 
 import json
@@ -38,7 +38,6 @@ def _batches(data: RunData) -> dict[str, tuple[np.ndarray, ...]]:
     out = {"train epoch 2": _collect(RunData.epoch(train, 2))}
     data.set_subset(train, subset)
     out["train subset"] = _collect(RunData.epoch(train, 0))
-    out["features"] = epoch(data.feature_loader(subset))
     out["poisoned test"] = epoch(data.test_loader(data.poison.poisoned_test_indices, poisoned=True))
     return out
 

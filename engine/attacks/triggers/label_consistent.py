@@ -336,7 +336,7 @@ def _loader_spec(cfg, indices, *, shuffle: bool, batch_size: int, seed: int = 0)
     threads = 1 if _device(cfg).type == "cpu" else cfg.data.num_workers
     return LoaderSpec(root=cfg.data.root, split="train", batch_size=batch_size, shuffle=shuffle,
                       drop_last=False, seed=seed, num_workers=threads, indices=indices,
-                      decode_size=cfg.data.decode_size or cfg.data.image_size, train=True,
+                      decode_size=cfg.data.decode_side, train=True,
                       os_cache=cfg.data.os_cache)
 
 
