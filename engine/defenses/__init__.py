@@ -21,7 +21,19 @@ import pkgutil
 # Folders of defenses kept outside this tree (a lab's own, or a test's throwaway one),
 # separated by os.pathsep: each folder in them is a defense, loaded like those here.
 PATH_ENV = "DBD_DEFENSE_PATH"
-__path__ = [*__path__, *(p for p in os.environ.get(PATH_ENV, "").split(os.pathsep) if p)]
+
+
+def _extra_folders() -> list[str]:
+    folders = [p for p in os.environ.get(PATH_ENV, "").split(os.pathsep) if p]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            from engine.errors import UserError
+
+            raise UserError(f"{PATH_ENV} names {folder}, which is not a folder")
+    return folders
+
+
+__path__ = [*__path__, *_extra_folders()]
 
 DEFENSES: list[str] = []  # the defense folders, in name order
 

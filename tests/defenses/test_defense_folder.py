@@ -98,3 +98,12 @@ def test_a_sweep_reports_the_new_defense_beside_the_baseline(plugin_env, tmp_pat
     cell = out / "cells" / "defense-toy"
     assert "| toy defense (toy) |" in (cell / "report.md").read_text()
     assert json.loads((cell / "summary.json").read_text())["toy"]["BA"] is not None
+
+
+def test_a_missing_defense_folder_is_one_clear_error(tmp_path):
+    env = {**os.environ, "DBD_DEFENSE_PATH": str(tmp_path / "nowhere")}
+    r = subprocess.run([sys.executable, "-m", "engine", "run", "configs/demo/digits_badnets_dbd.yaml"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert f"DBD_DEFENSE_PATH names {tmp_path / 'nowhere'}, which is not a folder" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr
