@@ -214,11 +214,17 @@ class RuntimeConfig:
 @dataclass
 class LoggingConfig:
     progress: bool = True  # a progress bar with images/second, rank 0 only
+    # Off a terminal (a log file, Slurm output, CI) the bar is one plain line per stage
+    # every this many seconds instead of carriage-return frames.
+    progress_interval_s: float = 30.0
     log_every: int = 10  # steps between metrics.jsonl step records
     # Backbone features of a 1,000-image sample saved by each stage (features.npz) for the
     # report's t-SNE map of where poisoned samples sit. The map costs seconds per stage on
     # a CPU; a many-cell sweep that only needs its leaderboard can turn it off.
     feature_map: bool = True
+
+    def validate(self) -> None:
+        check(self.progress_interval_s > 0, "logging.progress_interval_s", "must be > 0")
 
 
 

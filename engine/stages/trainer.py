@@ -148,7 +148,8 @@ class Trainer:
         loop = self._resume(checkpointer)
         total = stage.epochs * stage.steps_per_epoch
         progress = Progress(total=total, desc=env.name, enabled=bool(self.logging.progress) and env.dist.is_main,
-                            initial=min(loop.global_step, total))
+                            initial=min(loop.global_step, total),
+                            interval_s=getattr(self.logging, "progress_interval_s", 30.0))
         fault = parse_fault(os.environ.get(FAULT_ENV, ""))
         try:
             for epoch in range(loop.start_epoch, stage.epochs):
