@@ -84,11 +84,10 @@ class Attack(ABC):
         return ["attack.ratio=0.1"]
 
     @classmethod
-    def prepare(cls, cfg: Any, runtime: Any, *, force: bool = False, log: Callable = print) -> bool:
+    def prepare(cls, cfg: Any, runtime: Any, *, force: bool = False, log: Callable = print) -> None:
         """Work the attack needs before any training (``dbd attack-prepare``), e.g.
-        label-consistent's PGD perturbation cache. Returns False when this attack needs
-        none; the default."""
-        return False
+        label-consistent's PGD perturbation cache. The default needs none: an attack that
+        needs some overrides this (which is how the command and the tests tell)."""
 
     @classmethod
     def preview_stand_in(cls, runtime: Any) -> "Attack | None":

@@ -149,7 +149,7 @@ class Trainer:
         total = stage.epochs * stage.steps_per_epoch
         progress = Progress(total=total, desc=env.name, enabled=bool(self.logging.progress) and env.dist.is_main,
                             initial=min(loop.global_step, total),
-                            interval_s=getattr(self.logging, "progress_interval_s", 30.0))
+                            interval_s=self.logging.progress_interval_s)
         fault = parse_fault(os.environ.get(FAULT_ENV, ""))
         try:
             for epoch in range(loop.start_epoch, stage.epochs):

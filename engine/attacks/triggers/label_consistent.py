@@ -138,7 +138,7 @@ class LabelConsistent(Attack):
         return cls(pert, rows)
 
     @classmethod
-    def prepare(cls, cfg, runtime, *, force: bool = False, log=print) -> bool:
+    def prepare(cls, cfg, runtime, *, force: bool = False, log=print) -> None:
         """The PGD perturbation cache: computed, unless a valid one exists (``force``
         recomputes)."""
         if not force:
@@ -149,9 +149,8 @@ class LabelConsistent(Attack):
             else:
                 log(f"perturbations up to date: {cache_paths(cfg.attack.label_consistent, runtime.run_dir)[0]} "
                     f"(--force recomputes)")
-                return True
+                return
         prepare(cfg, runtime.meta, runtime, runtime.run_dir, log=log)
-        return True
 
     @classmethod
     def preview_stand_in(cls, runtime) -> "LabelConsistent":
