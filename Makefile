@@ -62,7 +62,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: setup test-sysdeps
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 bench: setup
 	$(PY) -m benchmarks --out benchmarks/results

@@ -4,8 +4,8 @@ Every method makes two views per image of a uint8 NHWC batch (what the FFCV load
 delivers) and is timed end to end from that batch to normalised float views on `device`,
 so per-sample pipelines pay their own conversions just as they would in a loader:
 
-- fused:          kernels.simclr_views(backend="triton"), CUDA only
-- torch_path:     kernels.simclr_views(backend="torch"), the vectorised PyTorch path
+- fused:          kernels.simclr_views(impl="triton"), CUDA only
+- torch_path:     kernels.simclr_views(impl="torch"), the vectorised PyTorch path
 - torchvision_v2: torchvision.transforms.v2 called once per sample (per-sample parameters)
 - kornia:         kornia.augmentation with same_on_batch=False, whole batch per call
 - pil:            torchvision.transforms on PIL images per sample, the DBD reference way
@@ -35,9 +35,9 @@ def _fixed_taps(spec) -> int:
     return spec.blur_kernel_size or 2 * spec.blur_radius + 1
 
 
-def _time(fn, warm, reps: int, device: str) -> list[float]:
-    # Warm-up (compilation, autotuning, first-call set-up) on a few images: a full batch
-    # would add minutes for the per-sample pipelines at 224 px and teach them nothing more.
+def time_calls(fn, warm, reps: int, device, until: float | None = None) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn`` after one call of ``warm``, each
+    synchronised with ``device``; stops early once ``time.time()`` passes ``until``."""
     warm()
     sync(device)
     out = []
@@ -46,19 +46,21 @@ def _time(fn, warm, reps: int, device: str) -> list[float]:
         fn()
         sync(device)
         out.append(time.perf_counter() - t0)
+        if until is not None and time.time() > until:
+            break
     return out
 
 
-def _fused(images, spec):
+def fused_views(images, spec):
     from kernels import simclr_views
 
-    return lambda: simclr_views(images, spec, seed=0, backend="triton")
+    return lambda: simclr_views(images, spec, seed=0, impl="triton")
 
 
-def _torch_path(images, spec):
+def torch_path_views(images, spec):
     from kernels import simclr_views
 
-    return lambda: simclr_views(images, spec, seed=0, backend="torch")
+    return lambda: simclr_views(images, spec, seed=0, impl="torch")
 
 
 def torchvision_v2_pipe(spec):
@@ -77,13 +79,29 @@ def torchvision_v2_pipe(spec):
         T.Normalize(list(spec.mean), list(spec.std))])
 
 
-def _torchvision_v2(images, spec):
+def torchvision_v2_views(images, spec):
+    """torchvision v2 called once per sample: each image gets its own parameters."""
     pipe = torchvision_v2_pipe(spec)
     chw = images.permute(0, 3, 1, 2)
     return lambda: [torch.stack([pipe(chw[i]) for i in range(chw.shape[0])]) for _ in range(2)]
 
 
-def _kornia(images, spec):
+def torchvision_v2_batched(images, spec):
+    """torchvision v2 called once per view for the whole batch: it draws one set of
+    parameters per call, so every image of a view gets the same crop and colours (less
+    work than the per-sample views it stands in for; the fastest torchvision can be)."""
+    pipe = torchvision_v2_pipe(spec)
+    chw = images.permute(0, 3, 1, 2)
+    return lambda: [pipe(chw) for _ in range(2)]
+
+
+def per_sample(make, images, spec, n: int):
+    """``make``'s views of the first ``n`` images, one call per image."""
+    calls = [make(images[i:i + 1], spec) for i in range(n)]
+    return lambda: [c() for c in calls]
+
+
+def kornia_views(images, spec):
     import kornia.augmentation as K
 
     pipe = torch.nn.Sequential(
@@ -99,7 +117,7 @@ def _kornia(images, spec):
     return lambda: [pipe(x) for x in [images.permute(0, 3, 1, 2).float().div_(255)] for _ in range(2)]
 
 
-def _pil(images, spec):
+def pil_views(images, spec):
     from PIL import Image
 
     from benchmarks.reference import simclr_transform
@@ -116,16 +134,16 @@ def _methods(device: str) -> dict:
         from kernels import triton_available
 
         if triton_available():
-            methods["fused"] = _fused
-    methods["torch_path"] = _torch_path
-    methods["torchvision_v2"] = _torchvision_v2
+            methods["fused"] = fused_views
+    methods["torch_path"] = torch_path_views
+    methods["torchvision_v2"] = torchvision_v2_views
     try:
         import kornia  # noqa: F401
 
-        methods["kornia"] = _kornia
+        methods["kornia"] = kornia_views
     except ImportError:
         pass
-    methods["pil"] = _pil
+    methods["pil"] = pil_views
     return methods
 
 
@@ -193,8 +211,10 @@ def _measure(quick: bool, device: str, batch: int) -> dict:
         results[label] = {}
         for name, make in _methods(device).items():
             # The PIL pipeline is host-side by nature; everything else runs on `device`.
+            # Warm-up (compilation, autotuning, first-call set-up) on a few images: a full batch
+            # would add minutes for the per-sample pipelines at 224 px and teach them nothing more.
             fn, warm = make(images, spec), make(images[:4], spec)
-            times = _time(fn, warm, _reps(quick, name, label), "cpu" if name == "pil" else device)
+            times = time_calls(fn, warm, _reps(quick, name, label), "cpu" if name == "pil" else device)
             views = [2 * batch / t for t in times]
             results[label][name] = {"reps": views, "seconds": times, "device": "cpu" if name == "pil" else device}
         del images

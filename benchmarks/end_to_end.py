@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks import stages
-from benchmarks.harness import alternate, comparison, measurement, pin_torch_threads, sync
+from benchmarks.harness import alternate, comparison, measurement, pin_torch_threads, rate, sync
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo" / "digits_badnets_dbd.yaml"
 # Full: the demo's width and epochs, 2 alternated repetitions after a warm-up epoch
@@ -43,7 +43,6 @@ QUICK = dict(width=4, reps=1, warmup=0, max_steps=1, finetune_iterations=1, comp
              finetune_warmup=0, pipeline=False,
              overrides=("data.num_workers=1", "supervised.batch_size=32", "pretrain.batch_size=32",
                         "linear.batch_size=32", "finetune.batch_size=16"))
-SPLIT_BATCH = 256
 
 
 def digits_root() -> Path:
@@ -74,26 +73,14 @@ def run_pipeline(root: Path, s: dict, device: str) -> dict:
                    f"finetune.iterations_per_epoch={s['finetune_iterations']}, model.width={s['width']}"}
 
 
-def _compare(engine_fn, reference_fn, reps: int, warmup: int, steps: int, note: str = "") -> dict:
-    """Alternate whole epochs; report images/s (ratio = speed-up) and seconds per epoch."""
-    seconds: dict[str, list[float]] = {"engine": [], "reference": []}
-
-    def timed(side, fn):
-        def one(r):
-            t0 = time.perf_counter()
-            images = fn(r % 1_000_000)  # warm-up rounds pass negative numbers
-            dt = time.perf_counter() - t0
-            if r >= 0:
-                seconds[side].append(dt)
-            return images / dt
-        return one
-
-    rates = alternate({"engine": timed("engine", engine_fn), "reference": timed("reference", reference_fn)}, reps,
-                      warmup)
-    c = comparison("images/s", rates["engine"], rates["reference"], steps=steps, **({"note": note} if note else {}))
-    c["engine_seconds_reps"], c["reference_seconds_reps"] = seconds["engine"], seconds["reference"]
-    c["engine_seconds"] = float(np.median(seconds["engine"]))
-    c["reference_seconds"] = float(np.median(seconds["reference"]))
+def _compare(engine_fn, reference_fn, reps: int, warmup: int, steps: int, images: int, note: str = "") -> dict:
+    """Alternate whole epochs (``fn(epoch) -> images``); images/s (ratio = speed-up) and seconds per epoch."""
+    r = alternate({side: lambda k, fn=fn: rate(lambda: fn(k % 1_000_000))  # warm-up rounds pass negative numbers
+                   for side, fn in (("engine", engine_fn), ("reference", reference_fn))}, reps, warmup)
+    c = comparison("images/s", r["engine"], r["reference"], steps=steps, **({"note": note} if note else {}))
+    for side in ("engine", "reference"):
+        c[f"{side}_seconds_reps"] = [images / x for x in r[side]]
+        c[f"{side}_seconds"] = float(np.median(c[f"{side}_seconds_reps"]))
     return c
 
 
@@ -110,9 +97,8 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     from benchmarks.reference import (BadNetsTrigger, InMemoryPoisonDataset, reference_loader, simclr_transform,
                                       weak_transform)
     from engine.data.sources import read_source
-    from engine.losses.sce import symmetric_cross_entropy
+    from engine.defenses.dbd.split import SPLIT_BATCH, compute_split
     from engine.runtime.launch import shutdown
-    from engine.defenses.dbd.split import select_lowest
 
     s = QUICK if quick else FULL
     t_start = time.perf_counter()
@@ -134,7 +120,7 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     def ref_dataset(transform, views: int):
         return InMemoryPoisonDataset(images, plan.true_labels, plan.poisoned, plan.target, trigger, transform, views)
 
-    def reference_batches(stage, B: int):
+    def reference_batches(stage, B: int, epoch: int):
         """The reference's inputs for ``stage.update`` (per-rank batch ``B``) from its own
         DataLoaders; for fine-tuning, after its own split pass, new DataLoaders over the parts."""
         if stage.name == "pretrain":
@@ -144,15 +130,13 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
         if stage.name in ("supervised", "linear"):
             for x, y, _ in _endless(reference_loader(ref_dataset(weak, 1), B, workers)):
                 yield x.to(dev), y.to(dev)
-        f, module, losses = stage.config, stage.backend.module, np.zeros(n)
-        module.eval()
-        with torch.no_grad():
-            for x, y, idx in reference_loader(ref_dataset(weak, 1), SPLIT_BATCH, workers, shuffle=False,
-                                              drop_last=False):
-                losses[idx.numpy()] = symmetric_cross_entropy(module(x.to(dev)).float(), y.to(dev), f.sce_alpha,
-                                                              f.sce_beta, reduction="none").cpu().numpy()
-        module.train()
-        labelled, unlabelled = select_lowest(losses, f.epsilon)
+        # The reference's split pass: the engine's own loss pass and selection, fed by the
+        # reference DataLoader (views already made per sample, in index order).
+        f = stage.config
+        split = compute_split(data, stage.split.precision, stage.backend.module, lambda x, **_: x, epoch, f.epsilon,
+                              f.sce_alpha, f.sce_beta, loader=reference_loader(
+                                  ref_dataset(weak, 1), SPLIT_BATCH, workers, shuffle=False, drop_last=False))
+        labelled, unlabelled = split.labelled, split.unlabelled
         xs = _endless(reference_loader(Subset(ref_dataset(weak, 1), labelled.tolist()), B, workers))
         us = _endless(reference_loader(Subset(ref_dataset(weak, f.k_views), unlabelled.tolist()), B, workers))
         for (xb, x_lab, _), u in zip(xs, us):
@@ -174,7 +158,7 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
         def reference_epoch(epoch, stage=stage, steps=steps, B=B):
             if stage.name != "finetune":
                 stage.on_epoch_start(epoch)  # the learning rate
-            batches = reference_batches(stage, B)
+            batches = reference_batches(stage, B, epoch)
             for step, inputs in zip(range(steps), batches):
                 stage.update(inputs, epoch, step)
             batches.close()
@@ -184,6 +168,7 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
         finetune = name == "finetune"
         comparisons[f"{name}/epoch"] = _compare(
             engine_epoch, reference_epoch, s["reps"], s["finetune_warmup" if finetune else "warmup"], steps,
+            steps * stage.images_per_step,
             note=f"split pass over every training image + new labelled/unlabelled subsets + {steps} MixMatch "
                  f"iterations" if finetune else "")
         settings_per_stage[name] = {"batch": B, "steps": steps, **({"split_batch": SPLIT_BATCH} if finetune else {})}

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import random
 import signal
 import socket
 import statistics
@@ -62,6 +63,19 @@ def alternate(sides: dict[str, Callable[[int], float]], reps: int, warmup: int =
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
         for name in (names if r % 2 == 0 else names[::-1]):
+            out[name].append(float(sides[name](r)))
+    return out
+
+
+def shuffled(sides: dict[str, Callable[[int], float]], reps: int, warmup: int = 1, seed: int = 0) -> dict:
+    """``alternate`` for more than two sides: ``warmup`` untimed rounds, then ``reps``
+    rounds, each in a fresh (seeded) random order."""
+    for w in range(warmup):
+        for fn in sides.values():
+            fn(-1 - w)
+    order, out = random.Random(seed), {n: [] for n in sides}
+    for r in range(reps):
+        for name in order.sample(list(sides), len(sides)):
             out[name].append(float(sides[name](r)))
     return out
 

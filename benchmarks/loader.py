@@ -28,14 +28,13 @@ warm-up epoch:
 from __future__ import annotations
 
 import os
-import random
 import statistics
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.harness import alternate, comparison, measurement, pin_torch_threads, rate, sync, target
+from benchmarks.harness import alternate, comparison, measurement, pin_torch_threads, rate, shuffled, sync, target
 
 FULL = dict(cifar_n=5120, simclr_batch=512, weak_batch=128, jpeg_n=128, jpeg_batch=32, reps=3, loader_reps=5,
             jpeg_reps=3, loader_epochs=20, reference_loader_epochs=2, jpeg_loader_epochs=4, jpeg_poison=True,
@@ -49,15 +48,17 @@ POISON_RATIO = 0.1
 ATTACKS = ("badnets", "blended", "wanet")
 
 
-def _engine_loader(bench, batch: int, workers: int, decode_size: int, poison, drop_last: bool = True):
+def engine_loader(bench, batch: int, workers: int, decode_size: int, poison=None, drop_last: bool = True, **spec):
+    """The engine's training loader over ``bench`` (a BenchSet or a prepared folder)."""
     from engine.data.loaders import LoaderSpec, make_loader
 
-    return make_loader(LoaderSpec(root=str(bench.root), split="train", batch_size=batch, shuffle=True,
-                                  drop_last=drop_last, num_workers=workers, decode_size=decode_size, train=True),
-                       poison=poison)
+    root = bench if isinstance(bench, (str, os.PathLike)) else bench.root  # a Path has a .root ("/") too
+    return make_loader(LoaderSpec(root=str(root), split="train", batch_size=batch,
+                                  shuffle=True, drop_last=drop_last, num_workers=workers, decode_size=decode_size,
+                                  train=True, **spec), poison=poison)
 
 
-def _engine_epoch(loader, epoch: int, views=None, device=None) -> int:
+def engine_epoch(loader, epoch: int, views=None, device=None) -> int:
     """One epoch of the engine loader; with ``views(images, epoch, step)`` also the device views."""
     loader.next_epoch = epoch % 1_000_000  # warm-up rounds pass negative numbers
     n = 0
@@ -68,10 +69,6 @@ def _engine_epoch(loader, epoch: int, views=None, device=None) -> int:
     if device is not None:
         sync(device)
     return n
-
-
-def _reference_epoch(loader) -> int:
-    return sum(batch[-1].shape[0] for batch in loader)
 
 
 def _view_fns(image_size: int, imagenet: bool):
@@ -158,29 +155,58 @@ def _views_vs_reference(bench, runtime, loader, view: str, fn_spec, batch: int, 
     (fn, spec), n_views = fn_spec, 2 if view == "simclr" else 1
     ref = _reference(bench, runtime, (simclr_transform if view == "simclr" else weak_transform)(spec), n_views,
                      batch, workers)
-    r = alternate({"engine": lambda k: rate(lambda: _engine_epoch(loader, k, fn, dev)),
-                   "reference": lambda k: rate(lambda: _reference_epoch(ref))}, reps, warmup)
+    r = alternate({"engine": lambda k: rate(lambda: engine_epoch(loader, k, fn, dev)),
+                   "reference": lambda k: rate(lambda: sum(b[-1].shape[0] for b in ref))}, reps, warmup)
     return comparison("images/s", r["engine"], r["reference"], batch=batch, views_per_image=n_views, **extra)
 
 
 def _epochs(fn, count: int):
-    """``count`` epochs of ``fn(epoch) -> images`` per repetition, as a rate: one epoch of a
-    loader alone is too short to time well."""
-    return lambda r: rate(lambda: sum(fn(r * count + k if r >= 0 else r) for k in range(count)))
+    """``count`` epochs of ``fn(epoch) -> images`` per repetition (one per warm-up round), as
+    a rate: one epoch of a loader alone is too short to time well."""
+    return lambda r: rate(lambda: sum(fn(r * count + k if r >= 0 else r) for k in range(count if r >= 0 else 1)))
 
 
-def _overhead(sides: dict, reps: int, warmup: int, size: str, measurements: dict, tag: str = "poisoned"):
-    """``sides``: {side: (clean, poisoned) repetition functions}, all alternated. Returns
-    each side's overhead (clean rate / poisoned rate - 1) and engine vs reference poisoned."""
+def _overhead(bench, runtime, eng_pois, batch: int, workers: int, epochs: tuple[int, int], s: dict, size: str,
+              measurements: dict, reps: int, tag: str = "poisoned"):
+    """The loader alone, clean and poisoned (``eng_pois``; ``runtime``'s poisoning), engine
+    and reference, all alternated; ``epochs``: per repetition for (engine, reference).
+    Returns each side's overhead (clean rate / poisoned rate - 1) and engine vs reference
+    poisoned."""
+    engines = (engine_loader(bench, batch, workers, 256 if bench.jpeg_paths else 32), eng_pois)
+    refs = [_reference(bench, rt, None, 1, batch, workers) for rt in (None, runtime)]
+    sides = {"engine": [_epochs(lambda e, x=x: engine_epoch(x, e), epochs[0]) for x in engines],
+             "reference": [_epochs(lambda e, x=x: sum(b[-1].shape[0] for b in x), epochs[1]) for x in refs]}
     r = alternate({f"{side}_{kind}": fn for side, fns in sides.items() for kind, fn in zip(("clean", "poisoned"), fns)},
-                  reps, warmup)
+                  reps, s["warmup"])
     overhead = {}
     for side in sides:
         overhead[side] = 1.0 / comparison("images/s", r[f"{side}_poisoned"], r[f"{side}_clean"])["ratio"] - 1.0
         measurements[f"{size}/loader_only/{side}/clean"] = measurement("images/s", r[f"{side}_clean"])
         measurements[f"{size}/loader_only/{side}/{tag}"] = measurement(
             "images/s", r[f"{side}_poisoned"], trigger_overhead=overhead[side])
-    return overhead, comparison("images/s", r["engine_poisoned"], r["reference_poisoned"])
+    return overhead, {**comparison("images/s", r["engine_poisoned"], r["reference_poisoned"]), "batch": batch}
+
+
+def _loader_vs_decode(bench, s: dict, workers: int, tag: str, prefix: str, epochs: int, reps: int,
+                      measurements: dict, **more) -> tuple[dict, float]:
+    """The engine loader over ``bench`` against JPEG decoding alone (and ``more`` sides),
+    alternating; records both and the loader's cost over decoding's. Returns the rates
+    and that cost (loader seconds per image over decode seconds per image)."""
+    from benchmarks.synthetic import poison_runtime
+
+    rt = poison_runtime(bench, image_size=224, decode_size=256, ratio=POISON_RATIO,
+                        num_workers=workers)[0] if s["jpeg_poison"] else None
+    eng = engine_loader(bench, s["jpeg_batch"], workers, 256, rt.train_ops() if rt else None)
+    decode = _decode_only(bench, workers)
+    sides = {"loader": lambda e: engine_epoch(eng, e), "decode": lambda e: decode(s["jpeg_batch"], e % 1_000_000 + 10),
+             **more}
+    r = alternate({k: _epochs(fn, epochs) for k, fn in sides.items()}, reps, s["warmup"])
+    m = comparison("images/s", r["loader"], r["decode"])
+    measurements[f"imagenet224/{prefix}loader_only/engine/{tag}"] = measurement("images/s", r["loader"])
+    measurements[f"imagenet224/{prefix}decode_only"] = measurement("images/s", r["decode"])
+    measurements[f"imagenet224/{prefix}loader_cost_over_decode"] = {
+        "unit": "x", "median": 1.0 / m["ratio"], "reps": [1.0 / x for x in m["round_ratios"]], "loader": tag}
+    return r, 1.0 / m["ratio"]
 
 
 def trigger_by_attack(s: dict, workers: int, jpeg: bool = False) -> dict:
@@ -188,37 +214,27 @@ def trigger_by_attack(s: dict, workers: int, jpeg: bool = False) -> dict:
     raw CIFAR-size set, or (``jpeg``) on the ImageNet-size JPEG set as prepared by default
     (256 px decode geometry), where the trigger is drawn on the decoded 256 px frame."""
     from benchmarks.synthetic import cifar_like, imagenet_like, poison_runtime
-
-    if jpeg:
-        bench, batch, reps = imagenet_like(s["jpeg_attack_n"]), s["jpeg_batch"], s["jpeg_attack_reps"]
-        epochs = s["jpeg_attack_epochs"]
-        image_size, decode_size = 224, 256
-    else:
-        bench, batch, reps, epochs = cifar_like(s["attack_n"]), s["attack_batch"], s["attack_reps"], s["attack_epochs"]
-        image_size, decode_size = 32, 32
     from engine.data.device_trigger import LabelOnlyOps
 
+    p = "jpeg_attack" if jpeg else "attack"
+    bench, reps, epochs = (imagenet_like if jpeg else cifar_like)(s[f"{p}_n"]), s[f"{p}_reps"], s[f"{p}_epochs"]
+    batch, image_size, decode_size = (s["jpeg_batch"], 224, 256) if jpeg else (s["attack_batch"], 32, 32)
+
     threads = max(1, min(workers, 8))
-    loaders = {"clean": _engine_loader(bench, batch, threads, decode_size, None, drop_last=False)}
+    loaders = {"clean": engine_loader(bench, batch, threads, decode_size, None, drop_last=False)}
     twin_us: dict[str, float] = {}
     for name in ATTACKS:
         runtime, _ = poison_runtime(bench, attack=name, image_size=image_size,
                                     decode_size=decode_size if jpeg else 0, ratio=POISON_RATIO, num_workers=threads)
-        loaders[name] = _engine_loader(bench, batch, threads, decode_size, runtime.train_ops(), drop_last=False)
+        loaders[name] = engine_loader(bench, batch, threads, decode_size, runtime.train_ops(), drop_last=False)
         if jpeg:
             # data.trigger_device=device: the CPU loader keeps only the label changes, the
             # trigger is drawn on the device after it (timed here on the CPU, per image).
-            loaders[f"{name}@device"] = _engine_loader(bench, batch, threads, decode_size,
+            loaders[f"{name}@device"] = engine_loader(bench, batch, threads, decode_size,
                                                        LabelOnlyOps(runtime.train_ops()), drop_last=False)
             twin_us[name] = _twin_us_per_triggered_image(runtime, decode_size)
-    for loader in loaders.values():
-        _engine_epoch(loader, 0)  # warm-up: compilation, first touch of the file, trigger memos
-    rates: dict[str, list[float]] = {k: [] for k in loaders}
-    order = random.Random(0)
-    for r in range(reps):
-        for name in order.sample(list(loaders), len(loaders)):
-            rates[name].append(rate(lambda: sum(_engine_epoch(loaders[name], r * epochs + k + 1)
-                                                for k in range(epochs))))
+    # A warm-up epoch each (compilation, first touch of the file, trigger memos).
+    rates = shuffled({k: _epochs(lambda e, x=x: engine_epoch(x, e), epochs) for k, x in loaders.items()}, reps)
     med = {k: statistics.median(v) for k, v in rates.items()}
     # Each repetition times the sides back to back, so a ratio within a repetition shares
     # that moment's machine load: its median is the steadier estimate on a shared machine.
@@ -238,7 +254,7 @@ def trigger_by_attack(s: dict, workers: int, jpeg: bool = False) -> dict:
 def _twin_us_per_triggered_image(runtime, decode_size: int, batch: int = 32) -> float:
     """The device twin's time per triggered image on this CPU (one thread, median of 5):
     what data.trigger_device=device costs where the device is the CPU. On a GPU the
-    prepared check (benchmarks/gpu.py) times the same twins."""
+    prepared check (benchmarks/gpu/) times the same twins."""
     from engine.attacks.device import DevicePoison
 
     poison = DevicePoison.of(runtime, "train")
@@ -247,13 +263,8 @@ def _twin_us_per_triggered_image(runtime, decode_size: int, batch: int = 32) -> 
                                                                  dtype=np.uint8))
     positions = torch.from_numpy(selected.astype(np.int64))
     poison.apply(images.clone(), positions)  # tables built once
-    times = []
-    for _ in range(5):
-        x = images.clone()
-        t = time.perf_counter()
-        poison.apply(x, positions)
-        times.append(time.perf_counter() - t)
-    return 1e6 * statistics.median(times) / len(selected)
+    per_s = [rate(lambda x=images.clone(): (poison.apply(x, positions), len(selected))[1]) for _ in range(5)]
+    return 1e6 / statistics.median(per_s)
 
 
 def run(quick: bool = False, device: str | None = None, workers: int | None = None,
@@ -276,7 +287,7 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
     runtime, _ = poison_runtime(cifar, image_size=32, decode_size=0, ratio=POISON_RATIO, num_workers=workers)
     fns = _view_fns(32, imagenet=False)
     # One engine loader per batch size, reused: FFCV compiles each loader on its first epoch.
-    eng = {b: _engine_loader(cifar, b, workers, 32, runtime.train_ops())
+    eng = {b: engine_loader(cifar, b, workers, 32, runtime.train_ops())
            for b in sorted({s["simclr_batch"], s["weak_batch"]})}
     for i, view, batch in ((0, "simclr", s["simclr_batch"]), (1, "weak", s["weak_batch"])):
         comparisons[f"cifar32/{view}/poisoned"] = _views_vs_reference(
@@ -284,15 +295,10 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
 
     # Trigger overhead, loader alone: many epochs per repetition since the engine's raw
     # loader runs at hundreds of thousands of images per second.
-    eng_clean, eng_pois = _engine_loader(cifar, s["weak_batch"], workers, 32, None), eng[s["weak_batch"]]
-    ref_clean = _reference(cifar, None, None, 1, s["weak_batch"], workers)
-    ref_pois = _reference(cifar, runtime, None, 1, s["weak_batch"], workers)
-    e_ep, r_ep = s["loader_epochs"], s["reference_loader_epochs"]
-    sides = {"engine": [_epochs(lambda e, x=x: _engine_epoch(x, e), e_ep) for x in (eng_clean, eng_pois)],
-             "reference": [_epochs(lambda e, x=x: _reference_epoch(x), r_ep) for x in (ref_clean, ref_pois)]}
-    overhead, c = _overhead(sides, s["loader_reps"], s["warmup"], "cifar32", measurements)
-    comparisons["cifar32/loader_only/poisoned"] = {**c, "batch": s["weak_batch"]}
-    del eng, eng_clean, eng_pois, ref_clean, ref_pois
+    overhead, comparisons["cifar32/loader_only/poisoned"] = _overhead(
+        cifar, runtime, eng[s["weak_batch"]], s["weak_batch"], workers,
+        (s["loader_epochs"], s["reference_loader_epochs"]), s, "cifar32", measurements, s["loader_reps"])
+    del eng
 
     # ------------------------------------------------------------ ImageNet-size, JPEG
     jpeg = imagenet_like(s["jpeg_n"])
@@ -301,7 +307,7 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
     # several seconds to compile, too long for a smoke run.
     tag = "poisoned" if s["jpeg_poison"] else "clean"
     rt_j = runtime_j if s["jpeg_poison"] else None
-    eng_j = _engine_loader(jpeg, s["jpeg_batch"], workers, 256, rt_j.train_ops() if rt_j else None)
+    eng_j = engine_loader(jpeg, s["jpeg_batch"], workers, 256, rt_j.train_ops() if rt_j else None)
     for view, fn_spec in zip(("simclr", "weak"), _view_fns(224, imagenet=True)):
         comparisons[f"imagenet224/{view}/{tag}"] = _views_vs_reference(
             jpeg, rt_j, eng_j, view, fn_spec, s["jpeg_batch"], workers, s["jpeg_reps"], s["warmup"], dev,
@@ -310,42 +316,15 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
     # The engine loader (decode + trigger + crop/resize + batching) against decoding alone,
     # on a larger set of the same photos: repetitions of about 0.4 s each (on 128 images
     # they took 0.07 s, and single repetitions spread from 1.06x to 1.92x).
-    cost_set = imagenet_like(s["jpeg_cost_n"])
-    rt_c = poison_runtime(cost_set, image_size=224, decode_size=256, ratio=POISON_RATIO,
-                          num_workers=workers)[0] if s["jpeg_poison"] else None
-    eng_c = _engine_loader(cost_set, s["jpeg_batch"], workers, 256, rt_c.train_ops() if rt_c else None)
-    decode = _decode_only(cost_set, workers)
-    c_ep = s["jpeg_cost_epochs"]
-    r = alternate({"loader": _epochs(lambda e, x=eng_c: _engine_epoch(x, e), c_ep),
-                   "decode": _epochs(lambda e: decode(s["jpeg_batch"], e % 1_000_000 + 10), c_ep)},
-                  s["jpeg_cost_reps"], s["warmup"])
-    del eng_c
-    j_ep = s["jpeg_loader_epochs"]
-    m = comparison("images/s", r["loader"], r["decode"])
-    loader_cost = 1.0 / m["ratio"]  # loader seconds per image over decode seconds per image
-    measurements[f"imagenet224/loader_only/engine/{tag}"] = measurement("images/s", r["loader"])
-    measurements["imagenet224/decode_only"] = measurement("images/s", r["decode"])
-    measurements["imagenet224/loader_cost_over_decode"] = {
-        "unit": "x", "median": loader_cost, "reps": [1.0 / x for x in m["round_ratios"]], "loader": tag}
+    loader_cost = _loader_vs_decode(imagenet_like(s["jpeg_cost_n"]), s, workers, tag, "", s["jpeg_cost_epochs"],
+                                    s["jpeg_cost_reps"], measurements)[1]
     # The same photos stored at source resolution (`dbd prepare --decode-size 0`): the
     # loader then crops and resizes every image every epoch.
-    jpeg_src = imagenet_like(s["jpeg_n"], decode_size=0)
-    rt_src = poison_runtime(jpeg_src, image_size=224, decode_size=256, ratio=POISON_RATIO,
-                            num_workers=workers)[0] if s["jpeg_poison"] else None
-    eng_src = _engine_loader(jpeg_src, s["jpeg_batch"], workers, 256, rt_src.train_ops() if rt_src else None)
-    decode_src = _decode_only(jpeg_src, workers)
-    r = alternate({"loader": _epochs(lambda e, x=eng_src: _engine_epoch(x, e), j_ep),
-                   "decode": _epochs(lambda e: decode_src(s["jpeg_batch"], e % 1_000_000 + 10), j_ep),
-                   "stored_at_decode_size": _epochs(lambda e: _engine_epoch(eng_j, e), j_ep)},
-                  s["loader_reps"], s["warmup"])
-    m_src = comparison("images/s", r["loader"], r["decode"])
-    measurements[f"imagenet224/source_resolution/loader_only/engine/{tag}"] = measurement("images/s", r["loader"])
-    measurements["imagenet224/source_resolution/decode_only"] = measurement("images/s", r["decode"])
-    measurements["imagenet224/source_resolution/loader_cost_over_decode"] = {
-        "unit": "x", "median": 1.0 / m_src["ratio"], "reps": [1.0 / x for x in m_src["round_ratios"]], "loader": tag}
+    r, _ = _loader_vs_decode(imagenet_like(s["jpeg_n"], decode_size=0), s, workers, tag, "source_resolution/",
+                             s["jpeg_loader_epochs"], s["loader_reps"], measurements,
+                             stored_at_decode_size=lambda e: engine_epoch(eng_j, e))
     comparisons["imagenet224/loader_only/stored_at_decode_size_vs_source_resolution"] = comparison(
         "images/s", r["stored_at_decode_size"], r["loader"])
-    del eng_src
 
     # Each sample is delivered once per epoch (so decoded once), both views come from it.
     eng_j.next_epoch = 99
@@ -356,15 +335,10 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
         "unique": int(len(np.unique(seen)))}
 
     if s["jpeg_poison"]:
-        eng_jc = _engine_loader(jpeg, s["jpeg_batch"], workers, 256, None)
-        ref_jc = _reference(jpeg, None, None, 1, s["jpeg_batch"], workers)
-        ref_jp = _reference(jpeg, runtime_j, None, 1, s["jpeg_batch"], workers)
-        o, c = _overhead({"engine": [_epochs(lambda e, x=x: _engine_epoch(x, e), j_ep) for x in (eng_jc, eng_j)],
-                          "reference": [_epochs(lambda e, x=x: _reference_epoch(x), 1) for x in (ref_jc, ref_jp)]},
-                         s["loader_reps"], s["warmup"], "imagenet224", measurements, tag="poisoned_overhead_run")
+        o, comparisons["imagenet224/loader_only/poisoned"] = _overhead(
+            jpeg, runtime_j, eng_j, s["jpeg_batch"], workers, (s["jpeg_loader_epochs"], 1), s, "imagenet224",
+            measurements, s["loader_reps"], tag="poisoned_overhead_run")
         overhead.update({f"{side}_jpeg": v for side, v in o.items()})
-        comparisons["imagenet224/loader_only/poisoned"] = {**c, "batch": s["jpeg_batch"]}
-        del eng_jc, ref_jc, ref_jp
     else:
         notes.append("quick mode: ImageNet-size figures are unpoisoned, and its trigger overhead is measured in "
                      "full mode only")

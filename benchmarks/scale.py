@@ -5,9 +5,9 @@ ImageNet-100 (``python -m benchmarks scale``; runs only when named).
 Phases:
 
 1. a synthetic ImageFolder tree (``train/class0..9/*.jpg`` and a small ``val/``) of photo
-   crops of about 400x350 (the geometry of ``benchmarks.synthetic._photo_crops``) at JPEG
-   quality 90, written by a process pool over the cores under a time budget, cached in
-   ``benchmarks.synthetic.cache_dir()`` by target count and ``TREE_FORMAT``;
+   crops of about 400x350 (``benchmarks.synthetic.photo_crop``) at JPEG quality 90,
+   written by a process pool over the cores under a time budget, cached by target count
+   (``benchmarks.synthetic.synthetic_tree``);
 2. ``engine.data.prepare.prepare("imagefolder", ...)`` timed at ``decode_size=256`` (the
    default route) and at ``decode_size=0`` (source resolution, on a subset of the tree);
 3. the engine's clean training loader over the 256 px store, ``os_cache`` on and off, with
@@ -24,10 +24,8 @@ Phases:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 import resource
 import shutil
 import statistics
@@ -36,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import measurement, pin_torch_threads, rate
-from benchmarks.synthetic import JPEG_QUALITY, NUM_CLASSES, photo_crop
+from benchmarks.harness import alternate, measurement, pin_torch_threads, rate, shuffled
+from benchmarks.loader import engine_epoch, engine_loader
+from benchmarks.synthetic import subset_tree, synthetic_tree
 
-TREE_FORMAT = 1
 POISON_RATIO = 0.1
 ATTACKS = ("badnets", "blended", "wanet")
 
@@ -62,112 +60,6 @@ PREPARE_CORES = (16, 64)
 GPU_RATES = {"ResNet-18": 10_000.0, "ResNet-50": 3_000.0}
 GPU_RATE_SOURCE = ("FFCV's published per-A100 ImageNet training rates (ffcv.io; Leclerc et al., CVPR 2023): "
                    "about 10,000 img/s ResNet-18 at low resolution, about 3,000 img/s ResNet-50")
-
-
-def _cores() -> int:
-    from engine.runtime.threads import usable_cores
-
-    return usable_cores()
-
-
-# --------------------------------------------------------------------------- the tree
-
-_PHOTOS = None
-
-
-def _init_writer() -> None:
-    global _PHOTOS
-    from sklearn.datasets import load_sample_images
-
-    _PHOTOS = load_sample_images().images  # two 427x640 photos
-
-
-def _crop(i: int, seed: int) -> np.ndarray:
-    """Crop ``i``: ``benchmarks.synthetic.photo_crop`` (about 400x350, sizes vary, half
-    mirrored), seeded per index so any worker can draw any crop."""
-    return photo_crop(_PHOTOS[i % len(_PHOTOS)], np.random.default_rng([seed, i]))
-
-
-def _write_chunk(job: tuple[str, int, int, int]) -> tuple[int, int]:
-    """Write crops ``start .. stop-1`` of one split; returns (files, bytes)."""
-    from PIL import Image
-
-    folder, start, stop, seed = job
-    nbytes = 0
-    for i in range(start, stop):
-        path = Path(folder) / f"class{i % NUM_CLASSES}" / f"{i:07d}.jpg"
-        tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(_crop(i, seed)).save(tmp, format="JPEG", quality=JPEG_QUALITY)
-        os.replace(tmp, path)
-        nbytes += path.stat().st_size
-    return stop - start, nbytes
-
-
-def _write_split(pool, folder: Path, start: int, count: int, seed: int, deadline: float | None,
-                 chunk: int = 64) -> None:
-    for c in range(NUM_CLASSES):
-        (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(folder), s, min(s + chunk, start + count), seed) for s in range(start, start + count, chunk)]
-    for _ in pool.imap_unordered(_write_chunk, jobs):
-        if deadline is not None and time.perf_counter() > deadline:
-            break  # the caller terminates the pool: chunks in flight stop where they are
-
-
-def _count(folder: Path) -> tuple[int, int]:
-    files = [p for p in folder.rglob("*.jpg") if not p.name.startswith(".")]
-    for p in folder.rglob(".*.tmp"):
-        p.unlink()
-    return len(files), sum(p.stat().st_size for p in files)
-
-
-def synthetic_tree(n: int, val_n: int, budget_s: float, workers: int, seed: int = 0) -> dict:
-    """The ImageFolder tree of (at most) ``n`` training crops, written within ``budget_s``
-    seconds by ``workers`` processes, or reused from the cache. Returns its record (the
-    writing's own figures, from the run that wrote it)."""
-    import multiprocessing as mp
-
-    from benchmarks.synthetic import cache_dir
-    from engine.fsutil import write_json
-
-    root = cache_dir() / f"scale-tree-n{n}-s{seed}-v{TREE_FORMAT}"
-    marker = root / "tree.json"
-    if marker.is_file():
-        try:
-            rec = json.loads(marker.read_text())
-            if rec.get("format") == TREE_FORMAT:
-                return {**rec, "root": str(root), "cached": True}
-        except (OSError, json.JSONDecodeError):
-            pass
-    shutil.rmtree(root, ignore_errors=True)
-    ctx = mp.get_context("fork")
-    with ctx.Pool(workers, initializer=_init_writer) as pool:
-        _write_split(pool, root / "val", 10_000_000, val_n, seed, None)  # val: its own index range
-        t0 = time.perf_counter()
-        _write_split(pool, root / "train", 0, n, seed, t0 + budget_s)
-        pool.terminate()
-        pool.join()
-        seconds = time.perf_counter() - t0
-    files, nbytes = _count(root / "train")
-    val_files, _ = _count(root / "val")
-    rec = {"format": TREE_FORMAT, "target_images": n, "train_images": files, "val_images": val_files,
-           "write_seconds": seconds, "write_workers": workers, "train_bytes": nbytes,
-           "source_files_per_s": files / seconds, "source_files_per_s_per_core": files / seconds / workers,
-           "bytes_per_source_file": nbytes / max(files, 1), "budget_s": budget_s, "budget_cut": files < n,
-           "jpeg_quality": JPEG_QUALITY, "crop": "about 400x350 (h 330-370, w 380-420) of sklearn's two sample photos"}
-    write_json(marker, rec)  # last: its presence marks a complete tree
-    return {**rec, "root": str(root), "cached": False}
-
-
-def _subset_tree(tree: Path, dest: Path, n: int) -> int:
-    """A tree of symlinks to the first ``n`` training files (all of val)."""
-    shutil.rmtree(dest, ignore_errors=True)
-    files = sorted((tree / "train").rglob("*.jpg"))[:n]
-    for p in files:
-        link = dest / "train" / p.parent.name / p.name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(p)
-    (dest / "val").symlink_to(tree / "val")
-    return len(files)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -215,17 +107,7 @@ def drop_page_cache() -> bool:
 
 
 def _loader(root: Path, batch: int, threads: int, os_cache: bool, poison=None, indices=None):
-    from engine.data.loaders import LoaderSpec, make_loader
-
-    return make_loader(LoaderSpec(root=str(root), split="train", batch_size=batch, shuffle=True, drop_last=False,
-                                  num_workers=threads, decode_size=256, train=True, os_cache=os_cache,
-                                  indices=indices), poison=poison)
-
-
-def _epoch(loader, epoch: int) -> int:
-    from benchmarks.loader import _engine_epoch
-
-    return _engine_epoch(loader, epoch)
+    return engine_loader(root, batch, threads, 256, poison, drop_last=False, os_cache=os_cache, indices=indices)
 
 
 def _loader_rates(root: Path, s: dict, cores: int) -> tuple[dict, dict]:
@@ -233,55 +115,41 @@ def _loader_rates(root: Path, s: dict, cores: int) -> tuple[dict, dict]:
     then ``loader_reps`` timed epochs per configuration, the thread counts alternating
     (ABBA). The os_cache=True configurations run first, so a page-cache drop before an
     os_cache=False epoch never lands in an os_cache=True one."""
-    thread_counts = sorted({1, cores})
-    rates: dict[str, list[float]] = {}
-    drops: list[bool] = []
+    rates, drops = {}, []
+
+    def epoch(loader, os_cache: bool):
+        def one(r: int) -> float:
+            if not os_cache and r >= 0:
+                drops.append(drop_page_cache())
+            return rate(lambda: engine_epoch(loader, r))
+        return one
+
     for os_cache in (True, False):
-        loaders = {t: _loader(root, s["batch"], t, os_cache) for t in thread_counts}
-        for t, ld in loaders.items():
-            for w in range(s["warmup"]):
-                _epoch(ld, -1 - w)
-        for r in range(s["loader_reps"]):
-            for t in (thread_counts if r % 2 == 0 else thread_counts[::-1]):
-                if not os_cache:
-                    drops.append(drop_page_cache())
-                rates.setdefault(f"os_cache_{'on' if os_cache else 'off'}/threads{t}", []).append(
-                    rate(lambda lds=loaders: _epoch(lds[t], r)))
-        del loaders
+        r = alternate({t: epoch(_loader(root, s["batch"], t, os_cache), os_cache) for t in sorted({1, cores})},
+                      s["loader_reps"], s["warmup"])
+        rates.update({f"os_cache_{'on' if os_cache else 'off'}/threads{t}": v for t, v in r.items()})
     return rates, {"attempts": len(drops), "succeeded": sum(drops), "worked": bool(drops) and all(drops)}
-
-
-def _bench_set(root: Path):
-    from benchmarks.synthetic import BenchSet
-    from engine.data.prepare import load_meta
-
-    meta = load_meta(root)
-    return BenchSet(root=root, meta=meta, labels=np.zeros(meta["splits"]["train"]["count"], np.int64), images=None,
-                    jpeg_paths=None)
 
 
 def _attack_rates(root: Path, s: dict, cores: int) -> dict:
     """The clean loader and each attack's loader (all cores, os_cache on) over the first
     ``attack_n`` images, a warm-up epoch each, then the sides in a fresh seeded random
     order every repetition (as ``benchmarks.loader.trigger_by_attack``)."""
-    from benchmarks.synthetic import poison_runtime
+    from benchmarks.synthetic import BenchSet, poison_runtime
+    from engine.data.prepare import load_meta
 
-    bench = _bench_set(root)
-    n = min(s["attack_n"], len(bench.labels))
-    idx = np.arange(n)
+    meta = load_meta(root)
+    bench = BenchSet(root=root, meta=meta, labels=np.zeros(meta["splits"]["train"]["count"], np.int64), images=None,
+                     jpeg_paths=None)
+    idx = np.arange(min(s["attack_n"], len(bench.labels)))
     loaders = {"clean": _loader(root, s["batch"], cores, True, indices=idx)}
     for name in ATTACKS:
         runtime, _ = poison_runtime(bench, attack=name, image_size=224, decode_size=256, ratio=POISON_RATIO,
                                     num_workers=cores)
         loaders[name] = _loader(root, s["batch"], cores, True, poison=runtime.train_ops(), indices=idx)
-    for ld in loaders.values():
-        _epoch(ld, -1)
-    rates: dict[str, list[float]] = {k: [] for k in loaders}
-    order = random.Random(0)
-    for r in range(s["attack_reps"]):
-        for name in order.sample(list(loaders), len(loaders)):
-            rates[name].append(rate(lambda: _epoch(loaders[name], r)))
-    return {"images": n, "threads": cores, "rates": rates}
+    rates = shuffled({k: lambda r, x=x: rate(lambda: engine_epoch(x, r)) for k, x in loaders.items()},
+                     s["attack_reps"])
+    return {"images": len(idx), "threads": cores, "rates": rates}
 
 
 def peak_rss() -> dict:
@@ -376,12 +244,13 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     """``device`` is unused (CPU loading); ``threads`` pins torch's intra-op threads; ``out``:
     the results folder, where ``scale.md`` (the table) is written next to ``scale.json``."""
     from benchmarks.synthetic import cache_dir
+    from engine.runtime.threads import usable_cores
 
     s = dict(QUICK if quick else FULL)
     if not quick:
         s["n"] = int(os.environ.get("DBD_BENCH_SCALE_N", s["n"]))
         s["write_budget_s"] = float(os.environ.get("DBD_BENCH_SCALE_WRITE_S", s["write_budget_s"]))
-    cores = _cores()
+    cores = usable_cores()
     torch_threads = pin_torch_threads(threads)
     t_start = time.perf_counter()
     measurements, notes = {}, []
@@ -402,7 +271,7 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     work.mkdir(parents=True, exist_ok=True)
     try:
         p256 = _prepare_timed(tree_root, work / "d256", 256, cores)
-        sub_n = _subset_tree(tree_root, work / "subset", min(s["source_n"], tree["train_images"]))
+        sub_n = subset_tree(tree_root, work / "subset", min(s["source_n"], tree["train_images"]))
         p0 = _prepare_timed(work / "subset", work / "d0", 0, cores)
         shutil.rmtree(work / "d0", ignore_errors=True)
         for tag, p in (("256", p256), ("source", p0)):

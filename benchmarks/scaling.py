@@ -37,8 +37,9 @@ def rank(root: str, s: dict, threads: int) -> dict:
     cfg = stages.config(root, width=s["width"], workers=threads, extra=[
         f"pretrain.batch_size={s['per_rank_batch'] * world}", "pretrain.sync_bn=true"])
     dist, data = stages.open_run(cfg)
+    run_dir = tempfile.TemporaryDirectory(prefix="dbd-bench-scaling-")
     try:
-        stage = stages.build(cfg, "pretrain", tempfile.mkdtemp(prefix="dbd-bench-scaling-"), dist, data)
+        stage = stages.build(cfg, "pretrain", run_dir.name, dist, data)
         images = torch.randint(0, 256, (s["per_rank_batch"], 32, 32, 3), dtype=torch.uint8,
                                generator=torch.Generator().manual_seed(dist.rank))
         step = 0
@@ -56,6 +57,7 @@ def rank(root: str, s: dict, threads: int) -> dict:
         return {"world": world, "rates": rates, "threads": torch.get_num_threads()}
     finally:
         shutdown()
+        run_dir.cleanup()
 
 
 def run(quick: bool = False) -> dict:

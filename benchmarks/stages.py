@@ -32,7 +32,7 @@ def config(root, *, preset=None, backend: str = "ddp", precision: str = "fp32", 
     name = json.loads((Path(root) / "meta.json").read_text())["name"]
     over = [] if preset else list(BADNETS)
     over += [f"data.root={root}", f"data.name={name}", f"device={device}", f"precision={precision}",
-             f"distributed.backend={backend}", f"distributed.deepspeed_config={DS_JSON[precision]}",
+             f"distributed.engine={backend}", f"distributed.deepspeed_config={DS_JSON[precision]}",
              f"distributed.compile={str(compile).lower()}", f"model.width={width}", "logging.progress=false"]
     over += [] if workers is None else [f"data.num_workers={workers}"]
     return load_config(preset, over + list(extra))

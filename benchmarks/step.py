@@ -61,24 +61,64 @@ def matmul_ceiling(device: torch.device, precision: str, quick: bool) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def time_stage(stage, warmup: int, steps: int, device) -> dict:
-    """The stage's first epoch, step by step: data wait, ``prepare`` and ``update`` apart."""
-    stage.on_epoch_start(0)
-    batches = iter(stage.batches(0))
-    wait, views, model = [], [], []
-    for k in range(warmup + steps):
-        t0 = time.perf_counter()
+class HostClock:
+    """``perf_counter`` after waiting for the device: each mark follows the work before it."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def mark(self) -> float:
+        sync(self.device)
+        return time.perf_counter()
+
+    @staticmethod
+    def seconds(a: float, b: float) -> float:
+        return b - a
+
+
+class CudaEventClock:
+    """CUDA events on the current stream: marks cost no host sync, and are read once the
+    device has caught up (``time_stage`` synchronises after its last step)."""
+
+    @staticmethod
+    def mark():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    @staticmethod
+    def seconds(a, b) -> float:
+        return a.elapsed_time(b) / 1e3
+
+
+def clock_for(device) -> HostClock | CudaEventClock:
+    """CUDA events on a GPU, the host clock elsewhere (where every op has finished when it returns)."""
+    return CudaEventClock() if torch.device(device).type == "cuda" else HostClock(device)
+
+
+def time_stage(stage, warmup: int, steps: int, device, clock=None, batches=None, start: int = 0) -> dict:
+    """Step by step: the wait for the batch, ``prepare`` and ``update`` apart, timed by
+    ``clock`` (``mark()``, ``seconds(a, b)``; default: ``HostClock``). ``batches``: an
+    iterator of the batches to step on; default: the stage's first epoch (begun here).
+    Step indices count from ``start``."""
+    clock = clock or HostClock(device)
+    own = batches is None
+    if own:
+        stage.on_epoch_start(0)
+        batches = iter(stage.batches(0))
+    marks = []
+    for k in range(start, start + warmup + steps):
+        m0 = clock.mark()
         batch = next(batches)
-        t1 = time.perf_counter()
+        m1 = clock.mark()
         x = stage.prepare(batch, 0, k)
-        sync(device)
-        t2 = time.perf_counter()
+        m2 = clock.mark()
         stage.update(x, 0, k)
-        sync(device)
-        t3 = time.perf_counter()
-        if k >= warmup:
-            wait.append(t1 - t0), views.append(t2 - t1), model.append(t3 - t2)
-    getattr(batches, "close", lambda: None)()  # the loader's threads end with the epoch
+        marks.append((m0, m1, m2, clock.mark()))
+    if own:
+        getattr(batches, "close", lambda: None)()  # the loader's threads end with the epoch
+    sync(device)
+    wait, views, model = ([clock.seconds(m[i], m[i + 1]) for m in marks[warmup:]] for i in range(3))
     total = sum(wait) + sum(views) + sum(model)
     return {"images_per_s": [stage.images_per_step / (w + v + m) for w, v, m in zip(wait, views, model)],
             "data_wait_share": sum(wait) / total, "views_share": sum(views) / total,

@@ -9,7 +9,7 @@ benchmark that hangs is stopped at its time limit instead of stalling the suite
 (``harness.run_child``).
 ``--in-process`` runs them in this process instead.
 
-``gpu`` is the one prepared check of the GPU path (benchmarks/gpu.py): it runs only when
+``gpu`` is the one prepared check of the GPU path (benchmarks/gpu/): it runs only when
 named (``python -m benchmarks gpu --out DIR``), isolates its own phases in child
 processes, and writes ``gpu.json`` as it goes plus a ``gpu.md`` summary; ``--smoke``
 (the same as ``--quick``) runs its CPU path, as CI does.
@@ -64,7 +64,7 @@ REGISTRY: dict[str, Benchmark] = {b.name: b for b in (
               "stage", full_limit_s=1200),
     Benchmark("flops", "ResNet-18/50 FLOPs per image, forward and forward+backward"),
     # 540 s: the device machine's 10-minute limit, less start-up; the check itself plans
-    # for at most 8 minutes (benchmarks/gpu.py, CAPS).
+    # for at most 8 minutes (benchmarks/gpu/common.py, CAPS).
     Benchmark("gpu", "the prepared one-GPU check: Triton kernels against the PyTorch twin, view timing, real "
               "SimCLR/MixMatch steps (CIFAR and ImageNet size, bf16/fp32), NCCL and 2-process gloo "
               "(--smoke: its CPU path)", quick_limit_s=300, full_limit_s=540, default=False, isolate=False),

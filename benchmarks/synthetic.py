@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,3 +166,97 @@ def poison_runtime(bench: BenchSet, *, image_size: int, decode_size: int, attack
                              f"data.num_workers={num_workers}", f"attack.name={attack}",
                              f"attack.target={target}", f"attack.ratio={ratio}", "attack.select_from=all"])
     return build_poison(cfg, bench.meta, None), cfg
+
+
+# --------------------------------------------------------------------------- the scale benchmark's ImageFolder tree
+
+TREE_FORMAT = 1
+
+_PHOTOS = None
+
+
+def _init_writer() -> None:
+    global _PHOTOS
+    from sklearn.datasets import load_sample_images
+
+    _PHOTOS = load_sample_images().images  # two 427x640 photos
+
+
+def _write_chunk(job: tuple[str, int, int, int]) -> None:
+    """Write crops ``start .. stop-1`` of one split (``benchmarks.synthetic.photo_crop``,
+    seeded per index so any worker can draw any crop)."""
+    from PIL import Image
+
+    folder, start, stop, seed = job
+    for i in range(start, stop):
+        path = Path(folder) / f"class{i % NUM_CLASSES}" / f"{i:07d}.jpg"
+        tmp = path.with_name(f".{path.name}.tmp")
+        crop = photo_crop(_PHOTOS[i % len(_PHOTOS)], np.random.default_rng([seed, i]))
+        Image.fromarray(crop).save(tmp, format="JPEG", quality=JPEG_QUALITY)
+        os.replace(tmp, path)
+
+
+def _write_split(pool, folder: Path, start: int, count: int, seed: int, deadline: float | None,
+                 chunk: int = 64) -> None:
+    for c in range(NUM_CLASSES):
+        (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
+    jobs = [(str(folder), s, min(s + chunk, start + count), seed) for s in range(start, start + count, chunk)]
+    for _ in pool.imap_unordered(_write_chunk, jobs):
+        if deadline is not None and time.perf_counter() > deadline:
+            break  # the caller terminates the pool: chunks in flight stop where they are
+
+
+def _count(folder: Path) -> tuple[int, int]:
+    files = [p for p in folder.rglob("*.jpg") if not p.name.startswith(".")]
+    for p in folder.rglob(".*.tmp"):
+        p.unlink()
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def synthetic_tree(n: int, val_n: int, budget_s: float, workers: int, seed: int = 0) -> dict:
+    """The ImageFolder tree of (at most) ``n`` training crops, written within ``budget_s``
+    seconds by ``workers`` processes, or reused from the cache. Returns its record (the
+    writing's own figures, from the run that wrote it)."""
+    import multiprocessing as mp
+
+    from engine.fsutil import write_json
+
+    root = cache_dir() / f"scale-tree-n{n}-s{seed}-v{TREE_FORMAT}"
+    marker = root / "tree.json"
+    if marker.is_file():
+        try:
+            rec = json.loads(marker.read_text())
+            if rec.get("format") == TREE_FORMAT:
+                return {**rec, "root": str(root), "cached": True}
+        except (OSError, json.JSONDecodeError):
+            pass
+    shutil.rmtree(root, ignore_errors=True)
+    ctx = mp.get_context("fork")
+    with ctx.Pool(workers, initializer=_init_writer) as pool:
+        _write_split(pool, root / "val", 10_000_000, val_n, seed, None)  # val: its own index range
+        t0 = time.perf_counter()
+        _write_split(pool, root / "train", 0, n, seed, t0 + budget_s)
+        pool.terminate()
+        pool.join()
+        seconds = time.perf_counter() - t0
+    files, nbytes = _count(root / "train")
+    val_files, _ = _count(root / "val")
+    rec = {"format": TREE_FORMAT, "target_images": n, "train_images": files, "val_images": val_files,
+           "write_seconds": seconds, "write_workers": workers, "train_bytes": nbytes,
+           "source_files_per_s": files / seconds, "source_files_per_s_per_core": files / seconds / workers,
+           "bytes_per_source_file": nbytes / max(files, 1), "budget_s": budget_s, "budget_cut": files < n,
+           "jpeg_quality": JPEG_QUALITY, "crop": "about 400x350 (h 330-370, w 380-420) of sklearn's two sample photos"}
+    write_json(marker, rec)  # last: its presence marks a complete tree
+    return {**rec, "root": str(root), "cached": False}
+
+
+def subset_tree(tree: Path, dest: Path, n: int) -> int:
+    """A tree of symlinks to the first ``n`` training files (all of val)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    files = sorted((tree / "train").rglob("*.jpg"))[:n]
+    for p in files:
+        link = dest / "train" / p.parent.name / p.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(p)
+    (dest / "val").symlink_to(tree / "val")
+    return len(files)

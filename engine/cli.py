@@ -1,39 +1,33 @@
 """The ``dbd`` command (also ``python -m engine``).
 
-Each subcommand lives in ``engine/commands/<name>.py`` with ``add_arguments(parser)``
-and ``main(args) -> int``; modules are imported only when their command runs, so
-``dbd inspect`` does not pay for importing torch's distributed stack.
+Each subcommand lives in ``engine/commands/<name>.py`` with ``add_arguments(parser)``,
+``main(args) -> int`` and a ``Command`` naming them (its registry: engine/commands).
+The modules import their heavy parts inside ``main``, so ``dbd inspect`` does not pay
+for importing torch's distributed stack.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
-COMMANDS = {
-    "prepare": ("prepare", "write a dataset to train/test .beton files + meta.json"),
-    "inspect": ("inspect", "summarise a .beton file: count, image sizes, label histogram"),
-    "run": ("run", "run the stages a config lists (any launcher: torchrun, deepspeed, mpirun, srun)"),
-    "report": ("report", "rebuild report.md and plots of a run directory from its files"),
-    "sweep": ("sweep", "run every cell of a grid file (or write a Slurm array for it: --slurm)"),
-    "leaderboard": ("leaderboard", "write leaderboard.md/.csv and plots of a sweep folder"),
-    "preview": ("preview", "render clean vs triggered samples of the configured attack"),
-    "export-poisoned": ("export_poisoned", "write what the loader delivers before augmentation to .npz"),
-    "attack-prepare": ("attack_prepare", "precompute attack assets (label-consistent PGD perturbations)"),
-    "bench": ("bench", "run the throughput benchmark suite"),
-}
+
+def _commands() -> list:
+    """Every registered command (engine/commands), in workflow order."""
+    from engine.commands import COMMANDS
+
+    return sorted(COMMANDS.values(), key=lambda c: c.order)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dbd", description="DBD backdoor-defense training engine",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {n:<16} {h}" for n, (_, h) in COMMANDS.items()))
+        epilog="commands:\n" + "\n".join(f"  {c.name:<16} {c.help}" for c in _commands()))
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action=_Version, help="print the engine's version and commit and the "
                         "torch / FFCV / DeepSpeed versions, then exit")
-    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    parser.add_argument("command", choices=[c.name for c in _commands()], metavar="COMMAND")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments (COMMAND -h)")
     return parser
 
@@ -64,15 +58,13 @@ class _Version(argparse.Action):
 
 
 def build_command_parser(name: str) -> argparse.ArgumentParser:
-    module, help_text = COMMANDS[name]
-    p = argparse.ArgumentParser(prog=f"dbd {name}", description=help_text)
+    from engine.commands import COMMANDS
+
+    command = COMMANDS.lookup(name)
+    p = argparse.ArgumentParser(prog=f"dbd {name}", description=command.help)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    _command(module).add_arguments(p)
+    command.add_arguments(p)
     return p
-
-
-def _command(module: str):
-    return importlib.import_module(f"engine.commands.{module}")
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
@@ -102,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_command_parser(top.command).parse_args(top.args)
     debug = top.debug or args.debug
     try:
-        return int(_command(COMMANDS[top.command][0]).main(args) or 0)
+        from engine.commands import COMMANDS
+
+        return int(COMMANDS.lookup(top.command).main(args) or 0)
     except UserError as e:
         if debug:
             raise

@@ -18,6 +18,7 @@ from engine.attacks.config import AttackConfig
 from engine.settings import (DataConfig, DistributedConfig, LoggingConfig, ModelConfig, RuntimeConfig, check, from_dict,
                              load_raw, set_dotted, to_dict)
 from engine.rundir import CONFIG
+from engine.runtime.backends import ENGINES
 from engine.stages import STAGES, default_stages
 
 __all__ = ["Config", "load_config", "to_dict", "dump_yaml", "save_resolved"]
@@ -30,6 +31,7 @@ class _ConfigBase:
             check(s in STAGES, "stages", f"unknown stage {s!r}: must be among {', '.join(STAGES)}")
         check(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         check(self.precision in ("fp32", "bf16", "fp16"), "precision", "must be fp32, bf16 or fp16")
+        ENGINES.lookup(self.distributed.engine, "distributed.engine")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section) and hasattr(section, "validate"):

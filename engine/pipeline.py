@@ -35,7 +35,7 @@ from engine.report.metrics import MetricsWriter
 from engine.rundir import CONFIG
 from engine.runtime.precision import Precision
 from engine.stages import StageEnv, stage_class
-from engine.rundir import DONE, METRICS
+from engine.rundir import DONE, METRICS, REPORT
 from engine.stages.integrity import check_finished
 from engine.stages.store import StageStore
 from engine.stages.trainer import Trainer
@@ -126,11 +126,12 @@ def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
                 results[name] = Trainer(stage, logging=cfg.logging,
                                         checkpoint_every=cfg.distributed.checkpoint_every).run()
         if dist.is_main:
+            from engine.defenses import report_columns
             from engine.report.build import build_report
 
-            table = build_report(run_dir)
+            table = build_report(run_dir, report_columns())
             print(table, flush=True)
-            print(f"report: {run_dir / 'report.md'}", flush=True)
+            print(f"report: {run_dir / REPORT}", flush=True)
         barrier()
         return results
     finally:

@@ -10,6 +10,7 @@ CONFIG = "config.yaml"  # <run_dir>/config.yaml: the resolved config
 SUMMARY = "summary.json"  # <run_dir>/summary.json: every stage's figures, written by the report
 REPORT = "report.md"  # <run_dir>/report.md: the human report
 METRICS = "metrics.jsonl"  # <run_dir>/metrics.jsonl: every record of the run
+LEADERBOARD = "leaderboard.md"  # <sweep_dir>/leaderboard.md (and .csv beside it): the sweep's table
 SWEEP_INDEX = "cells.json"  # <sweep_dir>/cells.json: a sweep's cells, their values, run dirs and statuses
 # <sweep_dir>/cells/<name>/status.json: one cell's status (running, done, failed), written by
 # whoever runs the cell (the local sweep or its Slurm array task); cells.json is rebuilt from these

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from engine.errors import UserError, check  # noqa: F401  (check is part of this module's API)
+from kernels.specs import SimCLRSpec, WeakSpec
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -88,70 +90,83 @@ class ModelConfig:
         check(self.width >= 4, "model.width", "must be >= 4")
 
 
-@dataclass
-class SimCLRViewConfig:
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    interpolation: str = "bicubic"
-    flip_p: float = 0.5  # forced to 0 when data.horizontal_flip is false
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    # 0 (the reference, MoCo's PIL GaussianBlur(radius=sigma)): each sample's kernel has
-    # 2*ceil(3*sigma)+1 taps, capped by the image; an odd n: torchvision's fixed n taps.
-    blur_kernel_size: int = 0
-
-    def validate(self, prefix: str) -> None:
-        check(0 < self.scale[0] <= self.scale[1] <= 1, f"{prefix}.scale", "must satisfy 0 < lo <= hi <= 1")
-        check(0 < self.ratio[0] <= self.ratio[1], f"{prefix}.ratio", "must satisfy 0 < lo <= hi")
-        check(self.interpolation in ("bicubic", "bilinear"), f"{prefix}.interpolation",
-               "must be bicubic or bilinear")
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
-            v = getattr(self, name)
-            check(0.0 <= v <= 1.0, f"{prefix}.{name}", f"must be in [0, 1], got {v}")
-        check(0 <= self.hue <= 0.5, f"{prefix}.hue", "must be in [0, 0.5]")
-        check(0 < self.blur_sigma[0] <= self.blur_sigma[1], f"{prefix}.blur_sigma", "must satisfy 0 < lo <= hi")
-        k = self.blur_kernel_size
-        check(k == 0 or (k > 0 and k % 2 == 1), f"{prefix}.blur_kernel_size",
-              f"must be 0 (per-sample 2*ceil(3*sigma)+1 taps, the reference) or a positive odd number, got {k}")
+# The view sections are built from the kernels' specs (kernels/specs.py), the one place a
+# view option is declared, defaulted and checked: a new spec field is a new config key.
+# The data section sets what every view shares (image size, normalisation; and a
+# horizontal flip off when data.horizontal_flip is false), so no view section repeats it.
+_FROM_DATA = ("size", "mean", "std")
+# Validation does not know data.image_size; a size this large checks everything else
+# (engine.stages.views.simclr_spec checks the blur kernel against the real size).
+_ANY_SIZE = 1 << 20
 
 
+def _spec_fields(spec: type, only: tuple[str, ...] | None = None, defaults: dict | None = None) -> list:
+    hints = typing.get_type_hints(spec)
+    return [(f.name, hints[f.name], dataclasses.field(default=(defaults or {}).get(f.name, f.default)))
+            for f in dataclasses.fields(spec) if f.name not in _FROM_DATA and (only is None or f.name in only)]
 
 
-@dataclass
-class WeakViewConfig:
-    kind: str = "pad_crop"  # pad_crop (CIFAR: RandomCrop + padding) | resized_crop (ImageNet)
-    padding: int = 4
-    # pad_crop's fill: reflect (the reference's linear and MixMatch views) | constant (zeros:
-    # its BadNets no-defense baseline, torchvision's RandomCrop default) | symmetric | edge
-    padding_mode: str = "reflect"
-    scale: tuple[float, float] = (0.2, 1.0)  # resized_crop only
-    # resized_crop's filter: bilinear (torchvision's RandomResizedCrop default) | bicubic
-    # (the reference's Blended no-defense baseline)
-    interpolation: str = "bilinear"
-    flip_p: float = 0.5
-
-    def validate(self, prefix: str) -> None:
-        check(self.kind in ("pad_crop", "resized_crop"), f"{prefix}.kind", "must be pad_crop or resized_crop")
-        check(self.padding >= 0, f"{prefix}.padding", "must be >= 0")
-        check(self.padding_mode in ("reflect", "constant", "symmetric", "edge"), f"{prefix}.padding_mode",
-              "must be reflect, constant, symmetric or edge")
-        check(0 < self.scale[0] <= self.scale[1] <= 1, f"{prefix}.scale", "must satisfy 0 < lo <= hi <= 1")
-        check(self.interpolation in ("bicubic", "bilinear"), f"{prefix}.interpolation",
-              "must be bicubic or bilinear")
-        check(0.0 <= self.flip_p <= 1.0, f"{prefix}.flip_p", f"must be in [0, 1], got {self.flip_p}")
+def _check_spec(spec: type, values: dict, prefix: str) -> None:
+    """The spec's own checks, as one config error naming the key (its messages start with
+    the field's name)."""
+    try:
+        spec(size=_ANY_SIZE, **values)
+    except ValueError as e:
+        raise UserError(f"config: {prefix}.{e}") from None
 
 
+def _section(name: str, fields: list, doc: str, **methods) -> type:
+    cls = dataclasses.make_dataclass(name, fields, namespace={"__doc__": doc, **methods})
+    cls.__module__ = __name__  # pickling and error messages find it here
+    return cls
+
+
+def _spec_values(self, names: tuple[str, ...]) -> dict:
+    """The named fields as a spec's keyword arguments (lists, as a caller may pass, as tuples)."""
+    return {n: tuple(v) if isinstance(v, list) else v for n in names for v in [getattr(self, n)]}
+
+
+def _simclr_validate(self, prefix: str) -> None:
+    _check_spec(SimCLRSpec, self.spec_values(tuple(f.name for f in dataclasses.fields(self))), prefix)
+
+
+
+SimCLRViewConfig = _section("SimCLRViewConfig", _spec_fields(SimCLRSpec),
+                            "``pretrain.views``: every field of ``kernels.SimCLRSpec`` but size and normalisation.",
+                            validate=_simclr_validate, spec_values=_spec_values)
+
+# The weak view is pad-crop (kernels.WeakSpec; CIFAR's RandomCrop + padding) or resized
+# crop (the SimCLR view with every colour op off; ImageNet). Its section holds the kind,
+# every WeakSpec field, and the resized crop's scale and filter. padding_mode: reflect
+# (the reference's linear and MixMatch views) | constant (zeros: its BadNets no-defense
+# baseline, torchvision's RandomCrop default) | symmetric | edge. interpolation: bilinear
+# (torchvision's RandomResizedCrop default) | bicubic (the reference's Blended baseline).
+WEAK_KINDS = ("pad_crop", "resized_crop")
+PAD_CROP_FIELDS = tuple(f.name for f in dataclasses.fields(WeakSpec) if f.name not in _FROM_DATA)
+RESIZED_CROP_FIELDS = ("scale", "flip_p", "interpolation")
+
+
+def _weak_validate(self, prefix: str) -> None:
+    check(self.kind in WEAK_KINDS, f"{prefix}.kind", "must be pad_crop or resized_crop")
+    _check_spec(WeakSpec, self.spec_values(PAD_CROP_FIELDS), prefix)
+    _check_spec(SimCLRSpec, self.spec_values(RESIZED_CROP_FIELDS), prefix)
+
+
+
+
+WeakViewConfig = _section(
+    "WeakViewConfig",
+    [("kind", str, dataclasses.field(default="pad_crop"))] + _spec_fields(WeakSpec)
+    + _spec_fields(SimCLRSpec, only=("scale", "interpolation"), defaults={"interpolation": "bilinear"}),
+    "The stages' weak view (``<stage>.view``): pad_crop (kernels.WeakSpec) or resized_crop.",
+    validate=_weak_validate, spec_values=_spec_values)
 
 
 @dataclass
 class DistributedConfig:
-    backend: str = "ddp"  # ddp | deepspeed
+    # The training engine: ddp | deepspeed (engine.runtime.backends.ENGINES). Its old name
+    # ``backend`` still loads, with one deprecation warning (RENAMED below).
+    engine: str = "ddp"
     deepspeed_config: str = "configs/deepspeed/zero0_fp32.json"  # match precision when changing it
     # "global": stage batch sizes are the sum over ranks (divided by world size);
     # "per_rank": every rank takes the full configured batch.
@@ -181,9 +196,11 @@ class DistributedConfig:
     cudnn_benchmark: bool = True
     tf32: bool = True
 
+    RENAMED: typing.ClassVar[dict[str, str]] = {"backend": "engine"}
+
     def validate(self) -> None:
-        check(self.backend in ("ddp", "deepspeed"), "distributed.backend",
-               f"unknown backend {self.backend!r}: must be ddp or deepspeed")
+        # distributed.engine is checked against the engines' registry by engine.config
+        # (engine.runtime.backends.ENGINES), which a config section cannot import.
         check(self.compile_mode in ("default", "reduce-overhead", "max-autotune"), "distributed.compile_mode",
               f"must be default, reduce-overhead or max-autotune, got {self.compile_mode!r}")
         check(self.process_group in ("auto", "nccl", "gloo"), "distributed.process_group",
@@ -251,9 +268,32 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class ConfigDeprecationWarning(FutureWarning):
+    """A renamed config key was used (shown by default, unlike DeprecationWarning)."""
+
+
+def _renamed(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A section's old key names (``RENAMED = {old: new}`` on its class) read as the new
+    ones, with one warning each; both given is one error."""
+    renamed = getattr(cls, "RENAMED", {})
+    if not any(old in raw for old in renamed):
+        return raw
+    raw = dict(raw)
+    for old, new in renamed.items():
+        if old not in raw:
+            continue
+        if new in raw:
+            raise UserError(f"config: {prefix}{old} is the old name of {prefix}{new}: give only {prefix}{new}")
+        warnings.warn(f"config: {prefix}{old} is deprecated, use {prefix}{new}", ConfigDeprecationWarning,
+                      stacklevel=2)
+        raw[new] = raw.pop(old)
+    return raw
+
+
 def from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise UserError(f"config: {prefix or 'top level'} must be a mapping, got {type(raw).__name__}")
+    raw = _renamed(cls, raw, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -342,3 +382,11 @@ def load_raw(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (
             raise UserError(f"override {item!r} must look like dotted.key=value")
         set_dotted(raw, key.strip(), parse_scalar(value))
     return raw
+
+
+def current_key(dotted: str) -> str:
+    """A dotted key under its current name (``distributed.backend`` -> ``distributed.engine``),
+    for code that compares keys before the config is loaded (a grid's axes)."""
+    section, _, key = dotted.partition(".")
+    renamed = getattr({"distributed": DistributedConfig}.get(section), "RENAMED", {})
+    return f"{section}.{renamed[key]}" if key in renamed else dotted

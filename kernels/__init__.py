@@ -2,7 +2,7 @@
 
 Input: uint8 (B, H, W, 3) NHWC batches, as the FFCV loader delivers them, on any device.
 Output: normalised (B, 3, size, size) channels_last tensors. Triton is optional: the
-kernels are imported only when the triton backend is used, so this package imports
+kernels are imported only when the triton implementation is used, so this package imports
 with torch alone.
 """
 

@@ -1,4 +1,4 @@
-"""Input validation shared by every backend, so that all of them fail the same way."""
+"""Input validation shared by every implementation, so that all of them fail the same way."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Public entry points: validation, parameter sampling and the choice of backend."""
+"""Public entry points: validation, parameter sampling and the choice of implementation
+(``impl``: triton | torch | auto)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ._checks import check_dtype, check_images, check_params_batch, check_weak_i
 from .params import SimCLRParams, WeakParams, make_generator, sample_simclr_params, sample_weak_params
 from .specs import SimCLRSpec, WeakSpec
 
-_BACKENDS = ("auto", "triton", "torch")
+_IMPLS = ("auto", "triton", "torch")
 
 
 @functools.lru_cache(maxsize=1)
@@ -24,14 +25,14 @@ def triton_available() -> bool:
     return True
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' requested but triton is not importable")
-    return backend
+    if impl == "triton" and not triton_available():
+        raise RuntimeError("impl='triton' requested but triton is not importable")
+    return impl
 
 
 def _generator_for(images: torch.Tensor, generator, seed, epoch, step, rank):
@@ -47,8 +48,8 @@ def _on(params, device: torch.device):
     return params if params.top.device == device else params.to(device)
 
 
-def _simclr_setup(images, spec, n_views, generator, seed, epoch, step, rank, params, dtype, backend):
-    """Validation, sampling and the backend choice shared by both SimCLR entry points."""
+def _simclr_setup(images, spec, n_views, generator, seed, epoch, step, rank, params, dtype, impl):
+    """Validation, sampling and the impl choice shared by both SimCLR entry points."""
     b, h, w = check_images(images)
     check_dtype(dtype)
     if not isinstance(spec, SimCLRSpec):
@@ -61,7 +62,7 @@ def _simclr_setup(images, spec, n_views, generator, seed, epoch, step, rank, par
     for p in params:
         check_params_batch(p, b, "SimCLR")
     params = [_on(p, images.device) for p in params]
-    return params, _resolve_backend(backend, images.device)
+    return params, _resolve_impl(impl, images.device)
 
 
 def simclr_views(
@@ -76,7 +77,7 @@ def simclr_views(
     rank: int = 0,
     params: list[SimCLRParams] | None = None,
     dtype: torch.dtype = torch.float32,
-    backend: str = "auto",
+    impl: str = "auto",
 ) -> tuple[list[torch.Tensor], list[SimCLRParams]]:
     """n_views independent SimCLR views of a uint8 NHWC batch.
 
@@ -89,7 +90,7 @@ def simclr_views(
     """
     stacked, params = simclr_views_stacked(images, spec, n_views=n_views, generator=generator, seed=seed,
                                            epoch=epoch, step=step, rank=rank, params=params, dtype=dtype,
-                                           backend=backend)
+                                           impl=impl)
     # Row blocks of the one buffer: channels_last views, no copy.
     return list(stacked.split(images.shape[0])), params
 
@@ -106,7 +107,7 @@ def simclr_views_stacked(
     rank: int = 0,
     params: list[SimCLRParams] | None = None,
     dtype: torch.dtype = torch.float32,
-    backend: str = "auto",
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, list[SimCLRParams]]:
     """simclr_views as one (n_views * B, 3, size, size) channels_last tensor, view-major.
 
@@ -114,7 +115,7 @@ def simclr_views_stacked(
     list (same arguments), e.g. SimCLR's 2B batch for one forward. The Triton kernels write
     that buffer directly; the torch path writes each view's rows of one preallocated buffer.
     """
-    params, which = _simclr_setup(images, spec, n_views, generator, seed, epoch, step, rank, params, dtype, backend)
+    params, which = _simclr_setup(images, spec, n_views, generator, seed, epoch, step, rank, params, dtype, impl)
     if which == "triton":
         from . import triton_simclr
 
@@ -137,7 +138,7 @@ def weak_view(
     rank: int = 0,
     params: WeakParams | None = None,
     dtype: torch.dtype = torch.float32,
-    backend: str = "auto",
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, WeakParams]:
     """RandomCrop(size, padding, padding_mode) + flip + normalise of a uint8 NHWC batch."""
     b, h, w = check_images(images)
@@ -150,7 +151,7 @@ def weak_view(
         params = sample_weak_params(b, h, w, spec, gen)
     check_params_batch(params, b, "weak")
     params = _on(params, images.device)
-    which = _resolve_backend(backend, images.device)
+    which = _resolve_impl(impl, images.device)
     if which == "triton":
         from . import triton_weak
 
@@ -159,7 +160,7 @@ def weak_view(
 
 
 def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
-              backend: str = "auto") -> torch.Tensor:
+              impl: str = "auto") -> torch.Tensor:
     """Eval view: uint8 NHWC -> (x/255 - mean)/std as NCHW channels_last in `dtype`."""
     check_images(images)
     check_dtype(dtype)
@@ -167,7 +168,7 @@ def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float3
         raise ValueError(f"mean and std need 3 values (RGB), got mean={mean!r} std={std!r}")
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be positive, got {std!r}")
-    which = _resolve_backend(backend, images.device)
+    which = _resolve_impl(impl, images.device)
     if which == "triton":
         from . import triton_weak
 

@@ -1,4 +1,4 @@
-"""Augmentation specs: the static description of a view, shared by every backend."""
+"""Augmentation specs: the static description of a view, shared by every implementation."""
 
 from __future__ import annotations
 

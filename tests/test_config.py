@@ -48,7 +48,7 @@ def test_yaml_then_overrides(tmp_path):
     ("attack.ratio=0", "attack.ratio must be in (0, 1]"),
     ("attack.ratio=1.5", "attack.ratio must be in (0, 1]"),
     ("attack.blended.alpha=2", "attack.blended.alpha must be in [0, 1]"),
-    ("distributed.backend=horovod", "unknown backend 'horovod'"),
+    ("distributed.engine=horovod", "distributed.engine 'horovod' is unknown: must be one of ddp, deepspeed"),
     ("finetune.epsilon=1", "finetune.epsilon must be in (0, 1)"),
     ("pretrain.views.scale=[0.5]", "must have 2 items"),
     ("stages=[pretrain,evaluate]", "unknown stage 'evaluate'"),
@@ -105,3 +105,23 @@ def test_every_preset_loads_and_trains_in_fp32():
     for path in presets:
         cfg = load_config(path)
         assert cfg.precision == "fp32", path
+
+
+def test_renamed_key_still_loads_with_one_warning(tmp_path):
+    """distributed.backend is distributed.engine's old name: old configs and run dirs load."""
+    old = tmp_path / "old.yaml"
+    old.write_text("distributed:\n  backend: deepspeed\n")
+    with pytest.warns(FutureWarning, match="distributed.backend is deprecated, use distributed.engine") as caught:
+        cfg = load_config(old)
+    assert cfg.distributed.engine == "deepspeed" and len(caught) == 1
+    with pytest.raises(UserError, match="old name of distributed.engine"):
+        load_config(old, ["distributed.engine=ddp"])
+
+
+def test_a_grid_cannot_vary_the_engine_under_its_old_name(tmp_path):
+    from engine.sweep.grid import load_grid
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: configs/demo/digits_badnets_dbd.yaml\ngrid:\n  distributed.backend: [ddp, deepspeed]\n")
+    with pytest.raises(UserError, match="cannot vary within one sweep"):
+        load_grid(grid)

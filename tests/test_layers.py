@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # the config building blocks) sit just above kernels and losses.
 LAYERS = {
     "kernels": 0, "engine.losses": 0,
-    "engine.errors": 1, "engine.fsutil": 1.5, "engine.rundir": 1.5, "engine.settings": 1.5,
+    "engine.errors": 1, "engine.registry": 1.2, "engine.fsutil": 1.5, "engine.rundir": 1.5, "engine.settings": 1.5,
     "engine.models": 2, "engine.runtime": 2,
     "engine.data": 3, "engine.report": 3,
     "engine.attacks": 4,
@@ -26,7 +26,7 @@ LAYERS = {
     "engine.config": 6,
     "engine.pipeline": 7,
     "engine.sweep": 7.5,
-    "engine.commands": 8, "engine.cli": 8, "engine.__main__": 9, "engine": 9,
+    "engine.commands": 8, "engine.cli": 8.5, "engine.__main__": 9, "engine": 9,
 }
 
 

@@ -6,13 +6,9 @@ reference and the numba kernel the operations run; this folder holds the machine
 share. Importing this package imports every file in ``triggers/``, and each ``Attack``
 subclass registers itself in :data:`ATTACKS`: a new attack is one new file there.
 """
-import importlib
-import pkgutil
-
 from engine.attacks import triggers
 from engine.attacks.base import ATTACKS, Attack, AttackContext
 
-for _module in sorted(pkgutil.iter_modules(triggers.__path__), key=lambda m: m.name):
-    importlib.import_module(f"{triggers.__name__}.{_module.name}")
+ATTACKS.load(triggers)
 
 __all__ = ["ATTACKS", "Attack", "AttackContext"]

@@ -33,11 +33,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from engine.errors import UserError
+from engine.registry import Registered, Registry
 
 
 # Every attack class, by name; a class registers itself by defining ``name``. The
 # config (engine/attacks/config.py) gets one section per entry.
-ATTACKS: dict[str, type["Attack"]] = {}
+ATTACKS: Registry = Registry("attack")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class AttackContext:
     seed: int  # attack.seed
 
 
-class Attack(ABC):
+class Attack(Registered, ABC):
+    registry = ATTACKS
     name: ClassVar[str]
     config_class: ClassVar[type]  # the dataclass of its ``attack.<name>`` section, beside the class
     # Clean-label attacks never change labels (SIG, label-consistent).
@@ -60,11 +62,6 @@ class Attack(ABC):
     # The training set's trigger differs per sample from the test trigger (WaNet's
     # noise grids, label-consistent's perturbations): built separately.
     per_sample_training: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            ATTACKS[cls.name] = cls
 
     @classmethod
     @abstractmethod

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import UserError
+from engine.rundir import NO_ATTACK
 
 
 def collect(loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -56,12 +57,12 @@ def export_poisoned(cfg, runtime, split: str, out: str | Path, *, limit: int | N
         targets = np.where(plan.poisoned, plan.labels, -1)  # the label a poisoned sample is given
     else:
         n_test = len(runtime.test_labels)
-        indices = runtime.poisoned_test_indices if runtime.name != "none" else np.arange(n_test)
+        indices = runtime.poisoned_test_indices if runtime.name != NO_ATTACK else np.arange(n_test)
         ops = runtime.test_ops()
         true_labels = runtime.test_labels
-        poisoned = np.full(n_test, runtime.name != "none")
+        poisoned = np.full(n_test, runtime.name != NO_ATTACK)
         noise = np.zeros(n_test, dtype=bool)
-        targets = runtime.test_targets if runtime.name != "none" else np.full(n_test, -1)
+        targets = runtime.test_targets if runtime.name != NO_ATTACK else np.full(n_test, -1)
     if limit is not None:
         indices = indices[:limit]
     if len(indices) == 0:

@@ -26,6 +26,7 @@ import numpy as np
 
 from engine.errors import UserError
 from engine.fsutil import write_bytes, write_json
+from engine.rundir import NO_ATTACK
 
 PLAN_FILE = "poison_plan.npz"
 SUMMARY_FILE = "poison_plan.json"
@@ -139,7 +140,7 @@ def make_plan(true_labels: np.ndarray, num_classes: int, settings: dict, *, cont
     poisoned = np.zeros(n, dtype=bool)
     noise = np.zeros(n, dtype=bool)
     labels = y.copy()
-    if settings["attack"] == "none":
+    if settings["attack"] == NO_ATTACK:
         return PoisonPlan(poisoned, labels, y, noise, target, settings, content_hash, dataset)
     # Selection and noise draws come from separate streams of one seed, so turning
     # noise mode on does not move the poisoned set.

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import argparse
 
+from engine.commands.base import Command
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML config (see configs/)")
@@ -25,3 +27,11 @@ def main(args: argparse.Namespace) -> int:
     print(runtime.describe())
     attack.prepare(cfg, runtime, force=args.force)
     return 0
+
+
+class AttackPrepareCommand(Command):
+    name = "attack-prepare"
+    help = "precompute attack assets (label-consistent PGD perturbations)"
+    order = 9
+    add_arguments = staticmethod(add_arguments)
+    main = staticmethod(main)

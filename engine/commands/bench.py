@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from engine.commands.base import Command
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from benchmarks.suite import add_arguments as suite_arguments
@@ -18,3 +20,11 @@ def main(args: argparse.Namespace) -> int:
         return run_from_args(args)
     except UnknownBenchmark as e:
         raise UserError(str(e)) from None
+
+
+class BenchCommand(Command):
+    name = "bench"
+    help = "run the throughput benchmark suite"
+    order = 10
+    add_arguments = staticmethod(add_arguments)
+    main = staticmethod(main)

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import argparse
 
+from engine.commands.base import Command
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML config (see configs/)")
@@ -26,3 +28,11 @@ def main(args: argparse.Namespace) -> int:
           f"{s['poisoned']} poisoned, {s['labels_changed']} labels changed"
           + (f", {s['noise']} noise-mode" if s["noise"] else ""))
     return 0
+
+
+class ExportPoisonedCommand(Command):
+    name = "export-poisoned"
+    help = "write what the loader delivers before augmentation to .npz"
+    order = 8
+    add_arguments = staticmethod(add_arguments)
+    main = staticmethod(main)

@@ -4,6 +4,8 @@ import argparse
 import json
 from pathlib import Path
 
+from engine.commands.base import Command
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a .beton file")
@@ -28,3 +30,11 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(summary.describe(classes))
     return 0
+
+
+class InspectCommand(Command):
+    name = "inspect"
+    help = "summarise a .beton file: count, image sizes, label histogram"
+    order = 2
+    add_arguments = staticmethod(add_arguments)
+    main = staticmethod(main)

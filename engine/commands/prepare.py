@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import argparse
 
+from engine.commands.base import Command
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from engine.data.decode_geometry import DEFAULT_DECODE_SIZE
@@ -39,3 +41,11 @@ def main(args: argparse.Namespace) -> int:
     print(describe(meta))
     print(f"wrote {args.out}/train.beton, test.beton, meta.json")
     return 0
+
+
+class PrepareCommand(Command):
+    name = "prepare"
+    help = "write a dataset to train/test .beton files + meta.json"
+    order = 1
+    add_arguments = staticmethod(add_arguments)
+    main = staticmethod(main)

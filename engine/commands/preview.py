@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import argparse
 
+from engine.commands.base import Command
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML config (see configs/)")
@@ -25,3 +27,11 @@ def main(args: argparse.Namespace) -> int:
     out = preview(cfg, runtime, args.out, split=args.split, count=args.count, amplify=args.amplify)
     print(f"wrote {out}")
     return 0
+
+
+class PreviewCommand(Command):
+    name = "preview"
+    help = "render clean vs triggered samples of the configured attack"
+    order = 7
+    add_arguments = staticmethod(add_arguments)
+    main = staticmethod(main)

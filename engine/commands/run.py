@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import argparse
 
+from engine.commands.base import Command
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML config (see configs/)")
@@ -43,3 +45,11 @@ def main(args: argparse.Namespace) -> int:
     cfg, stages = _load(args)
     run(cfg, stages=stages)
     return 0
+
+
+class RunCommand(Command):
+    name = "run"
+    help = "run the stages a config lists (any launcher: torchrun, deepspeed, mpirun, srun)"
+    order = 3
+    add_arguments = staticmethod(add_arguments)
+    main = staticmethod(main)

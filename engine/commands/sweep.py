@@ -3,6 +3,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engine.commands.base import Command
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("grid", help="a grid file: base config, overrides and the grid of values (configs/demo/sweep.yaml)")
@@ -37,3 +39,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"{failed} of {len(grid.cells)} cells failed: see {out / 'cells.json'} and their error.txt")
         return 1
     return 0
+
+
+class SweepCommand(Command):
+    name = "sweep"
+    help = "run every cell of a grid file (or write a Slurm array for it: --slurm)"
+    order = 5
+    add_arguments = staticmethod(add_arguments)
+    main = staticmethod(main)

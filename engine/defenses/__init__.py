@@ -8,8 +8,9 @@
 Importing this package imports every module of every defense folder, and each ``Stage``
 subclass with a ``name`` registers itself in ``engine.stages.base.STAGES``: a new
 defense is one new folder here, or in a folder named by ``DBD_DEFENSE_PATH``
-(engine/stages/README.md has the worked example). The
-shared machinery the stages run on (the Trainer, evaluation, keys and the stage store)
+(engine/stages/README.md has the worked example). A folder's ``__init__.py`` may define
+``report_columns()``: the figures the defense adds to the report and the leaderboard
+(engine/report/columns.py). The shared machinery the stages run on (the Trainer, evaluation, keys and the stage store)
 stays in ``engine.stages``.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ def _extra_folders() -> list[str]:
 __path__ = [*__path__, *_extra_folders()]
 
 DEFENSES: list[str] = []  # the defense folders, in name order
+_COLUMNS: list = []  # every folder's report_columns(), in folder order
 
 for _folder in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if not _folder.ispkg:
@@ -44,5 +46,14 @@ for _folder in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     for _module in sorted(pkgutil.iter_modules(_package.__path__), key=lambda m: m.name):
         importlib.import_module(f"{_package.__name__}.{_module.name}")
     DEFENSES.append(_folder.name)
+    if hasattr(_package, "report_columns"):
+        _COLUMNS.extend(_package.report_columns())
 
-__all__ = ["DEFENSES"]
+
+def report_columns() -> list:
+    """Every defense's own report and leaderboard figures (engine.report.columns), for
+    ``build_report`` and ``build_leaderboard``."""
+    return list(_COLUMNS)
+
+
+__all__ = ["DEFENSES", "report_columns"]

@@ -9,6 +9,9 @@ the row is named), ``defense`` ("none" for the no-defense baseline) and ``evalua
 (whether it has BA/ASR/RA). Rows follow the ``stages`` list of ``config.yaml``. An
 older ``done.json`` without these fields reads as: label = stage name, evaluates =
 whether it has ``BA``, defense unknown (neither a baseline nor a defense row).
+
+Figures beyond BA/ASR/RA are the defenses' own (engine/report/columns.py): the caller
+passes every defense's columns, and those of the defenses present in the run show.
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ import yaml
 
 from engine.errors import UserError
 from engine.fsutil import write_json, write_text
+from engine.report.columns import DefenseColumn, for_defenses
 from engine.report.implant import Implant, assess
 from engine.report.metrics import read_metrics
-from engine.report.plots import plot_curves, plot_features, plot_split
+from engine.report.plots import plot_curves, plot_epoch_lines, plot_features
 from engine.rundir import CONFIG, DONE, METRICS, NO_DEFENSE, REPORT, SUMMARY
 
 
@@ -72,19 +76,30 @@ def stage_order(cfg: dict, stages: dict) -> list[str]:
     return first + [s for s in stages if s not in first]
 
 
-def summarise(cfg: dict, records: list[dict], stages: dict) -> dict:
+def run_columns(columns: list[DefenseColumn], stages: dict) -> list[DefenseColumn]:
+    """The columns of the defenses whose stages this run finished."""
+    return for_defenses(columns, {StageInfo.of(n, d).defense for n, d in stages.items()})
+
+
+def summarise(cfg: dict, records: list[dict], stages: dict, columns: list[DefenseColumn]) -> dict:
     infos = [StageInfo.of(n, d) for n, d in stages.items()]
+    columns = run_columns(columns, stages)
     summary: dict = {}
     for info in infos:
         if not info.evaluates:
             continue
         s = stages[info.name]
         entry = {k: s[k] for k in ("BA", "ASR", "RA") if k in s}
-        splits = _latest(records, "split", info.name)
-        entry["split"] = [r["labelled_poison_share"] for r in splits]
+        # Every stage's entry has each column's key (the baseline's is an empty list), so
+        # runs compare key by key; only the column's own defense's stages fill it.
+        per_epoch = {c.summary_key: _latest(records, c.record_kind, info.name) if info.defense in c.defenses else []
+                     for c in columns}
+        for c in columns:
+            entry[c.summary_key] = [r[c.field] for r in per_epoch[c.summary_key]]
         entry["seconds"] = s.get("seconds")
-        if splits:
-            entry["split_detail"] = splits
+        for c in columns:
+            if per_epoch[c.summary_key]:
+                entry[c.detail_key] = per_epoch[c.summary_key]
         summary[info.name] = entry
     summary["stages_seconds"] = {k: v.get("seconds") for k, v in stages.items()}
     attack = cfg.get("attack") or {}
@@ -157,23 +172,24 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def results_table(summary: dict, stages: dict, implant: Implant | None = None) -> str:
+def results_table(summary: dict, stages: dict, columns: list[DefenseColumn], implant: Implant | None = None) -> str:
     """The results table (one row per finished stage, its own time in "stage time"),
     then the lines under it: each defense's total time and whether the attack implanted."""
     infos = [StageInfo.of(n, d) for n, d in stages.items()]
+    columns = run_columns(columns, stages)
     note = implant.row_note() if implant is not None else None
     with_note = note is not None and any(i.is_defense for i in infos)
-    head = "| model | BA | ASR | RA | poisoned share of labelled split | stage time |"
-    rule = "| --- | --- | --- | --- | --- | --- |"
+    head = "| model | BA | ASR | RA | " + "".join(f"{c.header} | " for c in columns) + "stage time |"
+    rule = "|" + " --- |" * (5 + len(columns))
     if with_note:
         head, rule = head + " note |", rule + " --- |"
     rows = [head, rule]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for info in infos:
         s = summary.get(info.name, {}) if info.evaluates else {}
-        split = f"{s['split'][-1]:.2f}%" if s.get("split") else "-"
+        extra = "".join(f"| {'-' if c.last(s) is None else f'{c.last(s):.2f}{c.suffix}'} " for c in columns)
         row = (f"| {info.row_name} | {fmt(s.get('BA'))} | {fmt(s.get('ASR'))} | {fmt(s.get('RA'))} "
-               f"| {split} | {fmt_time(info.seconds)} |")
+               f"{extra}| {fmt_time(info.seconds)} |")
         if with_note:
             row += f" {note if info.is_defense else '-'} |"
         rows.append(row)
@@ -191,10 +207,26 @@ def results_table(summary: dict, stages: dict, implant: Implant | None = None) -
     return "\n".join(rows)
 
 
-def build_report(run_dir: str | Path) -> str:
+def detail_tables(column: DefenseColumn, summary: dict, infos: list[StageInfo]) -> list[str]:
+    """report.md's per-epoch table of a column, one per stage that logged its records."""
+    lines: list[str] = []
+    for info in infos:
+        detail = summary.get(info.name, {}).get(column.detail_key)
+        if not detail or not column.detail:
+            continue
+        lines += [f"## {column.detail_title}: {info.row_name}", "",
+                  "| " + " | ".join(h for h, _, _ in column.detail) + " |", "|" + " --- |" * len(column.detail)]
+        lines += ["| " + " | ".join(f.format(r[k]) for _, k, f in column.detail) + " |" for r in detail]
+        lines.append("")
+    return lines
+
+
+def build_report(run_dir: str | Path, columns: list[DefenseColumn]) -> str:
+    """Write ``summary.json``, ``report.md`` and the plots; return the results table.
+    ``columns``: every defense's own figures (``engine.defenses.report_columns()``)."""
     run_dir = Path(run_dir)
     cfg, records, stages = load_run(run_dir)
-    summary = summarise(cfg, records, stages)
+    summary = summarise(cfg, records, stages, columns)
     implant = assess(cfg, stages, list(stages))
     write_json(run_dir / SUMMARY, summary)
     infos = [StageInfo.of(n, d) for n, d in stages.items()]
@@ -202,9 +234,10 @@ def build_report(run_dir: str | Path) -> str:
     plots_dir = run_dir / "plots"
     plots = []
     plots += plot_curves(records, plots_dir, order=list(stages))
-    plots += plot_split(records, plots_dir)
+    for column in run_columns(columns, stages):
+        plots += plot_epoch_lines(records, plots_dir, column.record_kind, column.plot) if column.plot else []
     plots += plot_features(run_dir, plots_dir, cfg, titles=labels)
-    table = results_table(summary, stages, implant)
+    table = results_table(summary, stages, columns, implant)
     attack = cfg.get("attack") or {}
     model = cfg.get("model") or {}
     lines = [
@@ -227,18 +260,8 @@ def build_report(run_dir: str | Path) -> str:
         "",
         *cost_table(summary["cost"]),
     ]
-    for info in infos:
-        detail = summary.get(info.name, {}).get("split_detail")
-        if not detail:
-            continue
-        lines += [f"## Split quality per epoch: {info.row_name}", "",
-                  ("| epoch | labelled | poisoned share of labelled | poisoned kept labelled "
-                   "| detector precision | detector recall |"),
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for r in detail:
-            lines.append(f"| {r['epoch']} | {r['labelled']} | {r['labelled_poison_share']:.2f}% "
-                         f"| {r['poisoned_in_labelled']:.2f}% | {r['precision']:.2f}% | {r['recall']:.2f}% |")
-        lines.append("")
+    for column in run_columns(columns, stages):
+        lines += detail_tables(column, summary, infos)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     write_text(run_dir / REPORT, "\n".join(lines))

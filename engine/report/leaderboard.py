@@ -5,12 +5,13 @@ Inputs are the sweep's ``cells.json``, each cell's ``status.json`` (merged into
 sweep's tasks write only those) and each cell's run dir (its stages' ``done.json`` and
 ``summary.json``), so the table can be rebuilt at any time, also while a sweep runs or
 after a ``--slurm`` sweep. A row groups the cells whose values differ only in
-``seed``: BA, ASR, RA and the split's poisoned share (last epoch) are mean ± sample std
-over the finished seeds, with their count. The cost columns are per cell (mean over its
-seeds) and count every stage the cell's result used, shared ones included: what the
-number cost to produce alone. The sweep's own total, under the table, counts each
-shared stage once. BA drop and ASR reduction compare a defense's row with the row of
-the same values under ``defense: none``.
+``seed``: BA, ASR, RA and each defense's own figures (engine/report/columns.py, e.g. DBD's
+split's poisoned share at the last epoch) are mean ± sample std over the finished seeds,
+with their count. The cost columns are per cell (mean over its seeds) and count every
+stage the cell's result used, shared ones included: what the number cost to produce
+alone. The sweep's own total, under the table, counts each shared stage once. BA drop
+and ASR reduction compare a defense's row with the row of the same values under
+``defense: none``.
 
 Failed or unfinished cells are shown as such, never left out: in the status column,
 with their errors (the CSV's ``errors`` column, the markdown's failed-cells list) and
@@ -33,9 +34,10 @@ from pathlib import Path
 from engine.errors import UserError
 from engine.fsutil import write_text
 from engine.report.build import fmt_time, total_cost
-from engine.rundir import CONFIG, DONE, NO_DEFENSE, SUMMARY, SWEEP_INDEX, Status
+from engine.report.columns import DefenseColumn, for_defenses
+from engine.rundir import CONFIG, DONE, LEADERBOARD, NO_DEFENSE, SUMMARY, SWEEP_INDEX, Status
 
-METRICS = ("BA", "ASR", "RA", "poisoned_share")
+METRICS = ("BA", "ASR", "RA")  # every defense's; its own columns add theirs
 
 
 @dataclass
@@ -49,7 +51,7 @@ class CellResult:
     started: float | None = None  # when its first attempt started (status.json)
     host: str | None = None  # where its last attempt ran
     job: str | None = None  # the Slurm job of its last attempt (``<array job>_<task>``)
-    metrics: dict = field(default_factory=dict)  # BA, ASR, RA, poisoned_share (None where it does not apply)
+    metrics: dict = field(default_factory=dict)  # BA, ASR, RA, the columns' metrics (None where they do not apply)
     implanted: bool | None = None  # a no-defense cell's verdict (engine.report.implant), None otherwise
     cost: dict = field(default_factory=dict)  # engine.report.build.total_cost over the cell's stages
     stage_dirs: dict = field(default_factory=dict)  # stage -> resolved folder (shared ones are one folder)
@@ -60,7 +62,7 @@ def _final_stage(stages: list[str], dones: dict) -> str | None:
     return evaluated[-1] if evaluated else None
 
 
-def read_cell(sweep: Path, entry: dict) -> CellResult:
+def read_cell(sweep: Path, entry: dict, columns: list[DefenseColumn]) -> CellResult:
     run_dir = sweep / entry["run_dir"]
     stages = list(entry.get("stages") or [])
     dones = {s: json.loads((run_dir / s / DONE).read_text()) for s in stages if (run_dir / s / DONE).is_file()}
@@ -83,14 +85,12 @@ def read_cell(sweep: Path, entry: dict) -> CellResult:
     done = dones[final] if final else {}
     if result.defense is None:
         result.defense = done.get("defense")
-    share = None
+    result.metrics = {k: done.get(k) for k in METRICS} | {c.metric: None for c in columns}
     summary_path = run_dir / SUMMARY
     if summary_path.is_file() and final:
         summary = json.loads(summary_path.read_text())
-        split = (summary.get(final) or {}).get("split") or []
-        share = split[-1] if split else None
+        result.metrics |= {c.metric: c.last(summary.get(final) or {}) for c in columns}
         result.implanted = summary.get("attack_implanted")
-    result.metrics = {"BA": done.get("BA"), "ASR": done.get("ASR"), "RA": done.get("RA"), "poisoned_share": share}
     result.cost = total_cost(d["cost"] for d in dones.values() if isinstance(d.get("cost"), dict))
     return result
 
@@ -182,15 +182,17 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def table_rows(rows: list[Row], keys: list[str]) -> tuple[list[str], list[list], list[list[str]]]:
+def table_rows(rows: list[Row], keys: list[str],
+               columns: list[DefenseColumn]) -> tuple[list[str], list[list], list[list[str]]]:
     """Column names, raw values (the CSV) and formatted cells (the markdown)."""
     value_keys = [k for k in keys if k not in ("seed", "defense")]
-    header = [*value_keys, "defense", "seeds", "status", "implanted", "BA", "BA_std", "ASR", "ASR_std", "RA", "RA_std",
-              "poisoned_share", "poisoned_share_std", "BA_drop", "ASR_reduction", "wall_seconds", "device_hours",
-              "device_hours_unit", "images_per_second", "peak_host_rss_mib", "peak_gpu_memory_mib", "errors"]
+    metrics = [*METRICS, *(c.metric for c in columns)]
+    header = [*value_keys, "defense", "seeds", "status", "implanted", *(x for k in metrics for x in (k, f"{k}_std")),
+              "BA_drop", "ASR_reduction", "wall_seconds", "device_hours", "device_hours_unit", "images_per_second",
+              "peak_host_rss_mib", "peak_gpu_memory_mib", "errors"]
     raw, shown = [], []
     for row in rows:
-        stats = {k: row.stat(k) for k in METRICS}
+        stats = {k: row.stat(k) for k in metrics}
         base = baseline_of(row, rows)
         drop = _diff(base.stat("BA")[0], stats["BA"][0]) if base else None
         reduction = _diff(base.stat("ASR")[0], stats["ASR"][0]) if base else None
@@ -199,17 +201,16 @@ def table_rows(rows: list[Row], keys: list[str]) -> tuple[list[str], list[list],
                                          "peak_gpu_memory_mib")}
         implanted = row.implanted(rows)
         raw.append([*(row.values.get(k) for k in value_keys), row.defense, len(row.done), row.state, implanted,
-                    *(x for k in METRICS for x in stats[k]), drop, reduction, cost["wall_seconds"],
+                    *(x for k in metrics for x in stats[k]), drop, reduction, cost["wall_seconds"],
                     cost["device_hours"], unit, cost["images_per_second"], cost["peak_host_rss_mib"],
                     cost["peak_gpu_memory_mib"], "; ".join(row.errors) or None])
         num = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
-        share = stats["poisoned_share"]
+        own = ["-" if stats[c.metric][0] is None else _fmt(*stats[c.metric]) + c.suffix for c in columns]
         shown.append([*(str(row.values.get(k)) for k in value_keys), str(row.defense),
                       f"{len(row.done)}/{len(row.cells)}",
                       row.state if row.state == Status.DONE else f"**{row.state}**",
                       {True: "yes", False: "**no**", None: "-"}[implanted],
-                      _fmt(*stats["BA"]), _fmt(*stats["ASR"]), _fmt(*stats["RA"]),
-                      "-" if share[0] is None else _fmt(*share) + "%", num(drop), num(reduction),
+                      _fmt(*stats["BA"]), _fmt(*stats["ASR"]), _fmt(*stats["RA"]), *own, num(drop), num(reduction),
                       "-" if cost["wall_seconds"] is None else fmt_time(cost["wall_seconds"]),
                       num(cost["device_hours"], "{:.4f}") + (f" {_unit_short(unit)}" if unit else ""),
                       num(cost["images_per_second"], "{:.0f}"), num(cost["peak_host_rss_mib"], "{:.0f}"),
@@ -231,8 +232,10 @@ def _read_index(sweep: Path) -> dict:
         raise UserError(f"{path} is not valid JSON ({e}): fix or remove it") from None
 
 
-def build_leaderboard(sweep: str | Path) -> str:
+def build_leaderboard(sweep: str | Path, columns: list[DefenseColumn]) -> str:
     """Write leaderboard.md, leaderboard.csv and the plots; return the markdown table.
+    ``columns``: every defense's own figures (``engine.defenses.report_columns()``);
+    those of the defenses in the sweep's rows show.
 
     Reads ``cells.json`` as it is: ``dbd leaderboard`` first merges the cells' status
     files into it (engine.sweep.runner.refresh_index), so a ``--slurm`` sweep's tasks
@@ -243,19 +246,21 @@ def build_leaderboard(sweep: str | Path) -> str:
         raise UserError(f"{sweep} is not a sweep folder: no {SWEEP_INDEX} with cells "
                         f"(run `dbd sweep GRID --out {sweep}`)")
     keys = list(index.get("keys") or [])
-    cells = [read_cell(sweep, e) for e in index["cells"]]
+    cells = [read_cell(sweep, e, columns) for e in index["cells"]]
     rows = group_rows(cells)
-    header, raw, shown = table_rows(rows, keys)
+    columns = for_defenses(columns, {r.defense for r in rows})
+    header, raw, shown = table_rows(rows, keys, columns)
 
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
     writer.writerows([["" if v is None else v for v in r] for r in raw])
-    write_text(sweep / "leaderboard.csv", buf.getvalue())
+    write_text((sweep / LEADERBOARD).with_suffix(".csv"), buf.getvalue())
 
     value_keys = [k for k in keys if k not in ("seed", "defense")]
-    cols = [*value_keys, "defense", "seeds", "status", "implanted", "BA", "ASR", "RA", "poisoned share", "BA drop",
-            "ASR reduction", "wall time", "device-hours", "images/s", "peak RSS (MiB)", "peak GPU (MiB)"]
+    cols = [*value_keys, "defense", "seeds", "status", "implanted", "BA", "ASR", "RA",
+            *(c.short_header for c in columns), "BA drop", "ASR reduction", "wall time", "device-hours", "images/s",
+            "peak RSS (MiB)", "peak GPU (MiB)"]
     table = "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
                       + ["| " + " | ".join(r) + " |" for r in shown])
     plots = [d["path"] for d in leaderboard_plots(sweep, rows, value_keys).values()]
@@ -263,8 +268,8 @@ def build_leaderboard(sweep: str | Path) -> str:
              f"Grid `{index.get('grid')}` on base config `{index.get('base')}`: {len(cells)} cells, "
              f"{sum(c.status == Status.DONE for c in cells)} done.", "",
              "BA: clean test accuracy; ASR: attack success rate; RA: robust accuracy (triggered images classified "
-             "as their true class); poisoned share: poisoned images in the split's labelled part at the last "
-             "epoch. All in percent, mean ± sample std over the finished seeds. BA drop and ASR reduction: "
+             "as their true class)" + "".join(f"; {c.legend}" for c in columns)
+             + ". All in percent, mean ± sample std over the finished seeds. BA drop and ASR reduction: "
              "the no-defense row of the same values minus this row. Implanted: whether the no-defense ASR "
              "reached attack.implant_threshold on every seed; where it did not, a defense's low ASR says "
              "nothing about the defense. Cost columns: per cell (mean over seeds), every stage the result "
@@ -285,7 +290,7 @@ def build_leaderboard(sweep: str | Path) -> str:
         lines += [_measured_on(sweep, env), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
-    write_text(sweep / "leaderboard.md", "\n".join(lines))
+    write_text(sweep / LEADERBOARD, "\n".join(lines))
     return table
 
 

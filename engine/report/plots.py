@@ -70,22 +70,22 @@ def plot_curves(records: list[dict], out: Path, order: list[str] | None = None) 
     return paths
 
 
-def plot_split(records: list[dict], out: Path) -> list[Path]:
-    rs = sorted({r["epoch"]: r for r in records if r.get("kind") == "split"}.values(), key=lambda r: r["epoch"])
+def plot_epoch_lines(records: list[dict], out: Path, kind: str, spec) -> list[Path]:
+    """A defense column's plot (engine.report.columns.EpochPlot): the per-epoch records
+    of ``kind``, the last write of each epoch winning, one line per field."""
+    rs = sorted({r["epoch"]: r for r in records if r.get("kind") == kind}.values(), key=lambda r: r["epoch"])
     if not rs:
         return []
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["epoch"] for r in rs], [r["labelled_poison_share"] for r in rs], marker="o", ms=3,
-            label="poisoned share of labelled part")
-    ax.plot([r["epoch"] for r in rs], [r["poisoned_in_labelled"] for r in rs], marker="s", ms=3,
-            label="poisoned samples kept labelled")
-    ax.set_xlabel("fine-tuning epoch")
-    ax.set_ylabel("%")
-    ax.set_title("DBD split: poisoned samples in the labelled part")
+    for field, label, marker in spec.lines:
+        ax.plot([r["epoch"] for r in rs], [r[field] for r in rs], marker=marker, ms=3, label=label)
+    ax.set_xlabel(spec.xlabel)
+    ax.set_ylabel(spec.ylabel)
+    ax.set_title(spec.title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return [_save(fig, out / "split.png")]
+    return [_save(fig, out / spec.file)]
 
 
 def plot_features(run_dir: Path, out: Path, cfg: dict, titles: dict[str, str] | None = None) -> list[Path]:

@@ -57,9 +57,9 @@ def plan_batch(batch_size: int, distributed, world_size: int, key: str) -> Batch
     return BatchPlan(configured=batch_size, per_rank=per_rank, global_batch=global_batch, lr_factor=factor)
 
 
-def steps_per_epoch(num_samples: int, plan: BatchPlan, iterations_per_epoch: int, *, drop_last: bool = True) -> int:
+def steps_per_epoch(num_samples: int, batching: BatchPlan, iterations_per_epoch: int, *, drop_last: bool = True) -> int:
     """Optimizer steps in one epoch: one pass over the (sharded) data, capped if asked."""
-    full = num_samples // plan.global_batch if drop_last else -(-num_samples // plan.global_batch)
+    full = num_samples // batching.global_batch if drop_last else -(-num_samples // batching.global_batch)
     if full < 1:
-        raise UserError(f"{num_samples} training samples make no full batch of {plan.global_batch}")
+        raise UserError(f"{num_samples} training samples make no full batch of {batching.global_batch}")
     return min(full, iterations_per_epoch) if iterations_per_epoch > 0 else full

@@ -169,7 +169,7 @@ class Checkpointer:
     def _check_compatible(self, meta: dict, d: Path) -> None:
         if meta.get("backend") != self.backend.name:
             raise UserError(f"checkpoint {d} was written by the {meta.get('backend')} backend but this run uses "
-                            f"{self.backend.name}: resume with distributed.backend={meta.get('backend')} "
+                            f"{self.backend.name}: resume with distributed.engine={meta.get('backend')} "
                             f"or use a new run_dir")
         ws = int(meta.get("world_size", self.dist.world_size))
         if ws != self.dist.world_size and self.backend.name == "deepspeed":

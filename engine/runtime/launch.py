@@ -36,7 +36,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    backend: str | None  # torch.distributed backend (nccl/gloo), None without a process group
+    pg_backend: str | None  # the process group's torch.distributed backend (nccl/gloo), None without one
     launcher: str  # single | torchrun | deepspeed | env | mpi | slurm
 
     @property
@@ -45,14 +45,14 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.backend is not None
+        return self.pg_backend is not None
 
     # ---- collectives: every rank calls them, in the same order.
     @property
     def collective_device(self) -> torch.device:
         """Where tensors must be for this process group: gloo reduces CPU tensors, NCCL
         device tensors. The one place that rule is decided."""
-        return self.device if self.backend == "nccl" else torch.device("cpu")
+        return self.device if self.pg_backend == "nccl" else torch.device("cpu")
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """The sum of ``t`` over ranks, returned on ``t``'s own device (``t`` itself alone)."""
@@ -215,7 +215,7 @@ def init_distributed(device: str, distributed, runtime=None) -> DistInfo:
     threads. Idempotent: the first call of a process decides.
 
     ``device`` is the config's ``device`` (auto | cpu | cuda); ``distributed`` its
-    ``distributed`` section (backend, process group, timeout, CUDA tuning); ``runtime``
+    ``distributed`` section (engine, process group, timeout, CUDA tuning); ``runtime``
     its ``runtime`` section (torch's intra-op threads; None: its defaults, the cores per
     local rank)."""
     global _INFO
@@ -235,8 +235,11 @@ def init_distributed(device: str, distributed, runtime=None) -> DistInfo:
         apply_cuda_settings(device, cudnn_benchmark=distributed.cudnn_benchmark, tf32=distributed.tf32)
     # Checked on every run, so that nccl on a CPU fails alike with or without a group.
     group_backend = resolve_process_group(distributed.process_group, device)
-    # DeepSpeed needs a process group even for one process; DDP does not.
-    need_group = env.world_size > 1 or distributed.backend == "deepspeed"
+    # Some engines (DeepSpeed) need a process group even for one process; DDP does not.
+    from engine.runtime.backends import ENGINES
+
+    engine = ENGINES.lookup(distributed.engine, "distributed.engine")
+    need_group = env.world_size > 1 or engine.needs_process_group
     backend = None
     if need_group:
         backend = group_backend
@@ -265,7 +268,7 @@ def init_distributed(device: str, distributed, runtime=None) -> DistInfo:
     # FFCV's; engine.runtime.threads), from the ranks on this node.
     threads = configure_threads(runtime, env.local_world_size)
     _INFO = DistInfo(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, device=device,
-                     backend=backend, launcher=env.launcher)
+                     pg_backend=backend, launcher=env.launcher)
     if env.rank == 0 and env.world_size > 1:
         print(f"[dist] launcher={env.launcher} world_size={env.world_size} backend={backend} "
               f"device={device.type} master={env.master_addr}:{env.master_port} "

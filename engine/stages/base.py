@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 from torch import nn
 
 from engine.errors import UserError
+from engine.registry import Registered, Registry
 from engine.rundir import DONE, MODEL
 
 if TYPE_CHECKING:  # the types only; importing them at run time would pull in FFCV and numba
@@ -47,7 +48,7 @@ if TYPE_CHECKING:  # the types only; importing them at run time would pull in FF
     from engine.runtime.precision import Precision
     from engine.settings import DistributedConfig, ModelConfig
 
-STAGES: dict[str, type["Stage"]] = {}
+STAGES: Registry = Registry("stage")
 
 # The inputs every stage's result depends on, for ``depends_on``: the prepared dataset
 # (its content hash, not its path), the data settings the views read, the attack (the
@@ -98,7 +99,8 @@ class StageEnv:
         return json.loads((self.run_dir / stage / DONE).read_text())
 
 
-class Stage(abc.ABC):
+class Stage(Registered, abc.ABC):
+    registry = STAGES
     name: ClassVar[str]
     config_class: ClassVar[type]
     label: ClassVar[str]
@@ -115,13 +117,9 @@ class Stage(abc.ABC):
     images_per_step: int  # images one step trains on, over all ranks (images/second)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            if cls.name in STAGES and STAGES[cls.name] is not cls:
-                raise RuntimeError(f"two stages are named {cls.name!r}: {STAGES[cls.name]} and {cls}")
-            if "depends_on" not in cls.__dict__:
-                raise RuntimeError(f"stage {cls.name!r} must declare depends_on (what its result depends on)")
-            STAGES[cls.name] = cls
+        if "name" in cls.__dict__ and "depends_on" not in cls.__dict__:
+            raise RuntimeError(f"stage {cls.name!r} must declare depends_on (what its result depends on)")
+        super().__init_subclass__(**kwargs)  # Registered: a class with a name joins STAGES
 
     def __init__(self, config: Any, env: StageEnv):
         self.config = config
@@ -220,7 +218,4 @@ def stages_in_order() -> tuple[str, ...]:
 
 
 def stage_class(name: str) -> type[Stage]:
-    try:
-        return STAGES[name]
-    except KeyError:
-        raise UserError(f"unknown stage {name!r}: known stages are {', '.join(STAGES)}") from None
+    return STAGES.lookup(name)

@@ -15,15 +15,15 @@ class ClassifierStage(Stage):
     forward, ``loss(logits, labels)``, backward, update. Subclasses say which model,
     optimizer, loss and loader."""
 
-    def train_on_whole_set(self, plan, view, iterations_per_epoch: int) -> None:
+    def train_on_whole_set(self, batching, view, iterations_per_epoch: int) -> None:
         """The whole (poisoned) training set with weak views, one pass per epoch (capped at
         ``iterations_per_epoch`` steps when > 0): the baseline's and the linear stage's data."""
         env = self.env
-        self.loader = env.data.train_loader(plan.per_rank)
+        self.loader = env.data.train_loader(batching.per_rank)
         self.augment = WeakAugment(env.data.config, view)
         self.epochs = self.config.epochs
-        self.steps_per_epoch = steps_per_epoch(env.data.meta.train_count, plan, iterations_per_epoch)
-        self.images_per_step = plan.global_batch
+        self.steps_per_epoch = steps_per_epoch(env.data.meta.train_count, batching, iterations_per_epoch)
+        self.images_per_step = batching.global_batch
 
     def prepare(self, batch, epoch: int, step: int):
         images, labels, _ = batch

@@ -78,7 +78,7 @@ SPEED_ONLY: tuple[str, ...] = (
 )
 
 # Numerics keys every stage's key holds (resolved in ``_numerics``), for the reads test.
-NUMERICS: tuple[str, ...] = ("device", "distributed.backend", "distributed.deepspeed_config",
+NUMERICS: tuple[str, ...] = ("device", "distributed.engine", "distributed.deepspeed_config",
                              "distributed.tf32", "distributed.cudnn_benchmark")
 ON_CPU = "cpu: no effect"
 
@@ -158,8 +158,8 @@ def deepspeed_content(distributed: dict) -> dict:
 
 def _numerics(cfg: dict, device_type: str) -> dict:
     dist = cfg["distributed"]
-    out: dict[str, Any] = {"device": device_type, "distributed.backend": dist["backend"]}
-    if dist["backend"] == "deepspeed":
+    out: dict[str, Any] = {"device": device_type, "distributed.engine": dist["engine"]}
+    if dist["engine"] == "deepspeed":
         out["distributed.deepspeed_config"] = deepspeed_content(dist)
     cuda = device_type == "cuda"
     out["distributed.tf32"] = dist["tf32"] if cuda else ON_CPU

@@ -4,11 +4,12 @@ Each function takes the ``data`` config section (size, flips, normalisation) and
 stage's own view section."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from engine.settings import DataConfig, SimCLRViewConfig, WeakViewConfig
+from engine.settings import PAD_CROP_FIELDS, RESIZED_CROP_FIELDS, DataConfig, SimCLRViewConfig, WeakViewConfig
 
 
 def simclr_spec(data: DataConfig, views: SimCLRViewConfig):
@@ -21,14 +22,17 @@ def simclr_spec(data: DataConfig, views: SimCLRViewConfig):
     check(views.blur_p == 0 or k // 2 < data.image_size, "pretrain.views.blur_kernel_size",
           f"{k} is too large for data.image_size {data.image_size} (at most {2 * data.image_size - 1}; "
           "0 sizes each sample's kernel to its sigma)")
-    return SimCLRSpec(
-        size=data.image_size, scale=tuple(views.scale), ratio=tuple(views.ratio),
-        interpolation=views.interpolation,
-        flip_p=views.flip_p if data.horizontal_flip else 0.0,
-        brightness=views.brightness, contrast=views.contrast, saturation=views.saturation, hue=views.hue,
-        jitter_p=views.jitter_p, grayscale_p=views.grayscale_p, blur_p=views.blur_p,
-        blur_sigma=tuple(views.blur_sigma), blur_kernel_size=views.blur_kernel_size,
-        mean=tuple(data.mean), std=tuple(data.std))
+    # The section is the spec's fields but size and normalisation (engine.settings), so
+    # every option passes through by name.
+    values = views.spec_values(tuple(f.name for f in dataclasses.fields(views)))
+    return SimCLRSpec(**{**values, **_from_data(data)})
+
+
+def _from_data(data: DataConfig) -> dict:
+    """What the data section sets in every view: size and normalisation, and no flip at
+    all where data.horizontal_flip is false (digits, GTSRB signs)."""
+    return dict(size=data.image_size, mean=tuple(data.mean), std=tuple(data.std),
+                **({} if data.horizontal_flip else {"flip_p": 0.0}))
 
 
 @dataclass
@@ -41,16 +45,13 @@ class WeakAugment:
     def __post_init__(self) -> None:
         from kernels import SimCLRSpec, WeakSpec
 
-        flip = self.view.flip_p if self.data.horizontal_flip else 0.0
-        mean, std = tuple(self.data.mean), tuple(self.data.std)
+        shared = _from_data(self.data)
         if self.view.kind == "pad_crop":
-            self.spec = WeakSpec(size=self.data.image_size, padding=self.view.padding,
-                                 padding_mode=self.view.padding_mode, flip_p=flip, mean=mean, std=std)
+            self.spec = WeakSpec(**{**self.view.spec_values(PAD_CROP_FIELDS), **shared})
         else:
             # RandomResizedCrop + flip is the SimCLR view with every colour op off.
-            self.spec = SimCLRSpec(size=self.data.image_size, scale=tuple(self.view.scale), flip_p=flip,
-                                   jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, interpolation=self.view.interpolation,
-                                   mean=mean, std=std)
+            self.spec = SimCLRSpec(**{**self.view.spec_values(RESIZED_CROP_FIELDS), **shared},
+                                   jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 
     def __call__(self, images: torch.Tensor, *, seed: int, epoch: int, step: int, rank: int,
                  purpose: str = "train_view") -> torch.Tensor:

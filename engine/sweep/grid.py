@@ -29,12 +29,13 @@ from typing import Any
 import yaml
 
 from engine.errors import UserError
+from engine.settings import current_key
 
 DEFENSE = "defense"
 # Keys a grid may not vary: the sweep sets the first two per cell, and the process
 # group (made once for the whole sweep) is built from the rest.
 FIXED_BY_SWEEP = ("run_dir", "stage_store", "stages")
-FIXED_PER_SWEEP = ("device", "distributed.backend", "distributed.process_group", "distributed.timeout_s")
+FIXED_PER_SWEEP = ("device", "distributed.engine", "distributed.process_group", "distributed.timeout_s")
 TOP_KEYS = ("base", "overrides", "grid", "slurm")
 
 
@@ -158,7 +159,7 @@ def load_grid(path: str | Path) -> Grid:
         if key in overrides or key in axes:
             raise _fail(path, f"{key} is set by the sweep for each cell; leave it out")
     for key in FIXED_PER_SWEEP:
-        if key in axes:
+        if key in map(current_key, axes):
             raise _fail(path, f"grid key {key!r} cannot vary within one sweep (the process group is made once "
                               "for all cells); set it in overrides, or run one sweep per value")
     for key, values in axes.items():

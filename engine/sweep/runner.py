@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from engine.errors import UserError
 from engine.fsutil import write_json, write_text
-from engine.rundir import CELL_ERROR, CELL_STATUS, Status
+from engine.rundir import CELL_ERROR, CELL_STATUS, LEADERBOARD, Status
 from engine.rundir import SWEEP_INDEX as CELLS
 from engine.sweep.grid import Grid
 
@@ -295,10 +295,11 @@ def run_sweep(grid: Grid, out: Path) -> int:
             failed += error is not None
             gc.collect()  # the cell's loaders, models and optimizer state, before the next cell builds its own
         if dist.is_main:
+            from engine.defenses import report_columns
             from engine.report.leaderboard import build_leaderboard
 
-            print(build_leaderboard(out), flush=True)
-            print(f"leaderboard: {out / 'leaderboard.md'}", flush=True)
+            print(build_leaderboard(out, report_columns()), flush=True)
+            print(f"leaderboard: {out / LEADERBOARD}", flush=True)
         launch.barrier()
     finally:
         launch.shutdown()

@@ -19,7 +19,7 @@ from engine.attacks.runtime import build_poison
 from engine.data.run_data import DatasetMeta, RunData
 from engine.runtime.launch import DistInfo
 
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None, launcher="test")
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), pg_backend=None, launcher="test")
 
 
 def _run_data(root, name, run_dir, place: str, *extra: str) -> RunData:

@@ -1,4 +1,4 @@
-"""The prepared GPU check (benchmarks/gpu.py): its CPU path as CI runs it, and its bookkeeping.
+"""The prepared GPU check (benchmarks/gpu/): its CPU path as CI runs it, and its bookkeeping.
 
 ``python -m benchmarks gpu --smoke`` runs with FFCV unimportable in every process it
 starts: stub packages first on PYTHONPATH raise ImportError for FFCV and for the other
@@ -151,7 +151,8 @@ def test_the_modules_it_runs_import_with_ffcv_blocked():
     """With the stages' own blocker (tests/stages/stage_matrix.py) in place before anything
     loads: the gpu check and every benchmark module its phases use."""
     code = ("import sys; from tests.stages.stage_matrix import BlockFFCV; sys.meta_path.insert(0, BlockFFCV()); "
-            "import benchmarks.gpu, benchmarks.augment, benchmarks.flops, benchmarks.stages, benchmarks.step, "
+            "import benchmarks.gpu, benchmarks.gpu.kernels_phase, benchmarks.gpu.views_phase, "
+            "benchmarks.gpu.steps_phase, benchmarks.augment, benchmarks.flops, benchmarks.stages, benchmarks.step, "
             "benchmarks.suite, engine.data.memory, engine.pipeline, engine.runtime.host_sync, kernels; "
             "assert not any(m.split('.')[0] == 'ffcv' for m in sys.modules); print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -167,22 +168,22 @@ def test_a_failing_or_killed_phase_keeps_the_others(tmp_path, monkeypatch):
     calls = []
 
     def fake_child(target_fn, kwargs, *, timeout, env=None, **_):
-        name = target_fn.split("phase_")[1]
+        name = target_fn.split(":")[0].split(".")[-1].removesuffix("_phase")
         calls.append((name, kwargs["deadline"], timeout, env))
         if name == "views":
-            raise RuntimeError("benchmarks.gpu:phase_views failed (exit status [1]; its output is above)")
+            raise RuntimeError("benchmarks.gpu.views_phase:run failed (exit status [1]; its output is above)")
         if name == "steps":
             Path(kwargs["progress"]).write_text(json.dumps({"results": {"cifar32/simclr": {"images_per_s": 5.0}},
                                                             "skipped": {}, "cuda_only": {}, "notes": []}))
-            raise RuntimeError("benchmarks.gpu:phase_steps did not finish within 9 s")
+            raise RuntimeError("benchmarks.gpu.steps_phase:run did not finish within 9 s")
         return {"results": {"case": {"pass": True}}, "skipped": {}, "cuda_only": {}, "notes": []}
 
     def fake_distributed(smoke, deadline, progress, hard):
         calls.append(("distributed", deadline, hard - deadline, None))
         return {"results": {"ws1": {"runs": {}}}, "skipped": {}, "cuda_only": {}, "notes": [], "comparison": {}}
 
-    monkeypatch.setattr(gpu, "run_child", fake_child)
-    monkeypatch.setattr(gpu, "phase_distributed", fake_distributed)
+    monkeypatch.setattr(gpu.runner, "run_child", fake_child)
+    monkeypatch.setattr(gpu.distributed_phase, "run", fake_distributed)
     record = gpu.run(quick=True, out=str(tmp_path))
     ph = record["phases"]
     assert [c[0] for c in calls] == list(gpu.PHASES)
@@ -204,7 +205,7 @@ def test_a_failing_or_killed_phase_keeps_the_others(tmp_path, monkeypatch):
 def test_a_phase_records_errors_and_stops_at_its_deadline(tmp_path):
     import time
 
-    p = gpu._Progress(str(tmp_path / "p.json"), deadline=time.time() + 60)
+    p = gpu.Progress(str(tmp_path / "p.json"), deadline=time.time() + 60)
     p.case("a", lambda: {"x": 1})
     p.case("b", lambda: 1 / 0)
     assert p.data["results"]["b"]["error"].startswith("ZeroDivisionError")
@@ -216,13 +217,26 @@ def test_a_phase_records_errors_and_stops_at_its_deadline(tmp_path):
 
 
 def test_tolerances_are_the_kernels_tests():
+    """One source: the kernels' tests and the GPU check both read kernels/tolerances.py,
+    and neither writes a number of its own in its place."""
+    import ast
+
+    from benchmarks.gpu import kernels_phase
+    from kernels import tolerances
+
     text = (REPO / "tests" / "kernels" / "test_kernels_triton.py").read_text()
-    line = re.search(r"^TOL = \{(.*)\}$", text, re.M).group(1)
-    theirs = {m.group(1): float(m.group(2)) for m in re.finditer(r"torch\.(\w+): ([0-9.e-]+)", line)}
-    names = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-    assert {names[k]: v for k, v in theirs.items()} == gpu.TOL
-    weak = re.search(r"def test_weak\(.*?atol=([0-9.e-]+)", text, re.S).group(1)
-    assert float(weak) == gpu.WEAK_TOL
+    assert re.search(r"^TOL = tolerances\.simclr_by_dtype\(\)$", text, re.M)
+    weak = re.search(r"def test_weak\(.*?atol=([\w.]+)", text, re.S).group(1)
+    assert weak == "tolerances.WEAK"
+    assert kernels_phase.tolerances is tolerances
+    source = (REPO / "benchmarks" / "gpu" / "kernels_phase.py").read_text()
+    numbers = [n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant)
+               and isinstance(n.value, float) and n.value < 0.1]
+    assert numbers == [], numbers  # no tolerance written in the check itself
+    assert set(tolerances.SIMCLR) == {"fp32", "fp16", "bf16"} and tolerances.WEAK > 0
+    import torch
+
+    assert tolerances.simclr_by_dtype()[torch.bfloat16] == tolerances.SIMCLR["bf16"]
 
 
 def test_the_full_plan_fits_the_device_limit():

@@ -2,7 +2,7 @@
 ``DBD_DEFENSE_PATH``), with no other file edited, is registered with its config section,
 picked up by the test matrix and the GPU check (they loop over the registry), runs as a
 sweep's ``defense`` axis value, and gets its row in the cell's report and in the
-leaderboard beside the no-defense baseline."""
+leaderboard beside the no-defense baseline, with the report column its folder declares."""
 from __future__ import annotations
 
 import csv
@@ -42,6 +42,16 @@ class Toy(Supervised):
     def tiny_overrides(cls) -> list[str]:
         return ["toy.batch_size=16"]
 '''
+# Its own leaderboard and report figure: the BA of each epoch's evaluation, the last one shown.
+COLUMNS = '''"""The toy defense."""
+from engine.report.columns import DefenseColumn
+
+
+def report_columns():
+    return (DefenseColumn(defenses=("toy",), record_kind="eval", field="BA", summary_key="toy_ba",
+                          metric="toy_ba", header="toy BA per epoch", short_header="toy BA",
+                          legend="toy BA: the BA of the last epoch's evaluation"),)
+'''
 TINY = {
     "seed": 0, "device": "cpu",
     "data": {"name": "digits", "num_workers": 1, "horizontal_flip": False},
@@ -57,7 +67,7 @@ TINY = {
 def plugin_env(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("lab_defenses")
     (folder / "toy").mkdir()
-    (folder / "toy" / "__init__.py").write_text('"""The toy defense."""\n')
+    (folder / "toy" / "__init__.py").write_text(COLUMNS)
     (folder / "toy" / "stage.py").write_text(STAGE)
     return {**os.environ, "DBD_DEFENSE_PATH": str(folder), "OMP_NUM_THREADS": "1"}
 
@@ -96,8 +106,17 @@ def test_a_sweep_reports_the_new_defense_beside_the_baseline(plugin_env, tmp_pat
     assert rows["toy"]["status"] == "done" and float(rows["toy"]["BA"]) >= 0
     assert rows["toy"]["BA_drop"] not in ("", None)  # measured against the baseline row
     cell = out / "cells" / "defense-toy"
-    assert "| toy defense (toy) |" in (cell / "report.md").read_text()
-    assert json.loads((cell / "summary.json").read_text())["toy"]["BA"] is not None
+    report = (cell / "report.md").read_text()
+    assert "| toy defense (toy) |" in report
+    summary = json.loads((cell / "summary.json").read_text())
+    assert summary["toy"]["BA"] is not None
+    # Its own column, declared in its folder: in the summary, the report and the leaderboard;
+    # DBD's split column is not, as no DBD stage ran.
+    assert len(summary["toy"]["toy_ba"]) == TINY["toy"]["epochs"]
+    assert "| toy BA per epoch |" in report and "poisoned share" not in report
+    assert float(rows["toy"]["toy_ba"]) == pytest.approx(summary["toy"]["toy_ba"][-1])
+    assert rows["none"]["toy_ba"] == "" and "poisoned_share" not in rows["toy"]
+    assert "toy BA: the BA of the last epoch's evaluation" in (out / "leaderboard.md").read_text()
 
 
 def test_a_missing_defense_folder_is_one_clear_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Public API: shapes, layouts, dtypes, backend choice, reproducibility, input errors."""
+"""Public API: shapes, layouts, dtypes, implementation choice, reproducibility, input errors."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def test_stacked_views_are_the_concatenated_views(dtype, grouped, monkeypatch):
     monkeypatch.setattr(torch_path, "GROUPED", grouped)
     images = random_images(5, 36, 30, seed=2)
     spec = SimCLRSpec(size=16)
-    views, params = simclr_views(images, spec, n_views=3, seed=4, step=1, dtype=dtype, backend="torch")
-    stacked, sparams = simclr_views_stacked(images, spec, n_views=3, seed=4, step=1, dtype=dtype, backend="torch")
+    views, params = simclr_views(images, spec, n_views=3, seed=4, step=1, dtype=dtype, impl="torch")
+    stacked, sparams = simclr_views_stacked(images, spec, n_views=3, seed=4, step=1, dtype=dtype, impl="torch")
     assert stacked.shape == (15, 3, 16, 16) and stacked.dtype == dtype
     assert stacked.is_contiguous(memory_format=torch.channels_last)
     # One buffer of exactly the batch: the rows are written in place, not concatenated.
@@ -83,10 +83,10 @@ def test_seed_kwargs_reproduce_and_differ_by_step():
     assert torch.equal(sample_simclr_params(6, 32, 32, SimCLRSpec(), g).sigma, pa[0].sigma)
 
 
-def test_auto_backend_on_cpu_is_torch_path_and_replay():
+def test_auto_impl_on_cpu_is_torch_path_and_replay():
     images = random_images(4, 32, 32)
     auto, params = simclr_views(images, generator=make_generator(0, 0, 0, 0, "cpu"))
-    torch_views, _ = simclr_views(images, params=params, backend="torch")
+    torch_views, _ = simclr_views(images, params=params, impl="torch")
     assert all(torch.equal(x, y) for x, y in zip(auto, torch_views))
 
 
@@ -124,8 +124,8 @@ def test_bad_arguments():
     images = random_images(2, 32, 32)
     with pytest.raises(TypeError, match="output dtype"):
         simclr_views(images, dtype=torch.float64)
-    with pytest.raises(ValueError, match="backend"):
-        simclr_views(images, backend="cuda")
+    with pytest.raises(ValueError, match="impl"):
+        simclr_views(images, impl="cuda")
     with pytest.raises(ValueError, match="either generator or seed"):
         simclr_views(images, generator=make_generator(0, 0, 0, 0, "cpu"), seed=0)
     with pytest.raises(ValueError, match="n_views"):
@@ -196,11 +196,11 @@ def test_imports_without_triton_engine_or_ffcv():
         assert views[0].shape == (2, 3, 32, 32)
         assert not kernels.triton_available()
         try:
-            kernels.simclr_views(images, seed=0, backend="triton")
+            kernels.simclr_views(images, seed=0, impl="triton")
         except RuntimeError as e:
             assert "triton" in str(e)
         else:
-            raise AssertionError("backend='triton' without triton must fail")
+            raise AssertionError("impl='triton' without triton must fail")
         bad = [m for m in sys.modules if m.split(".")[0] in ("engine", "ffcv")]
         assert not bad, bad
         print("ok")

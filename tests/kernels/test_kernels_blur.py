@@ -77,7 +77,7 @@ def test_default_pipeline_blurs_with_the_full_kernel():
     # Through simclr_views: a blurred sample at sigma 2 must be the 13-tap blur, not a 3-tap one.
     spec = SimCLRSpec(size=16, jitter_p=0.0, grayscale_p=0.0, blur_p=1.0, flip_p=0.0)
     images = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    views, params = simclr_views(images, spec, n_views=1, seed=0, backend="torch")
+    views, params = simclr_views(images, spec, n_views=1, seed=0, impl="torch")
     p = params[0]
     no_blur = SimCLRSpec(size=16, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.0)
     plain = torch_path.simclr_unnormalised(images, no_blur, p)

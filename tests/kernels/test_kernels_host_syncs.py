@@ -34,14 +34,14 @@ WEAK = WeakSpec(size=16, padding=2)
 def _all_views(images, replay, weak_replay):
     """Every torch-path entry point, with params replayed and with params sampled on the device."""
     g = make_generator(5, 1, 2, 0, images.device)
-    simclr_views_stacked(images, SIMCLR, params=replay, backend="torch")
-    simclr_views_stacked(images, SIMCLR, generator=g, backend="torch")
-    simclr_views(images, SIMCLR, params=replay, backend="torch", dtype=torch.bfloat16)
-    simclr_views(images, SIMCLR, generator=g, backend="torch")
-    simclr_views(images, RRC, n_views=1, params=replay[:1], backend="torch")
-    simclr_views(images, RRC, n_views=1, generator=g, backend="torch")
-    weak_view(images, WEAK, params=weak_replay, backend="torch")
-    weak_view(images, WEAK, generator=g, backend="torch")
+    simclr_views_stacked(images, SIMCLR, params=replay, impl="torch")
+    simclr_views_stacked(images, SIMCLR, generator=g, impl="torch")
+    simclr_views(images, SIMCLR, params=replay, impl="torch", dtype=torch.bfloat16)
+    simclr_views(images, SIMCLR, generator=g, impl="torch")
+    simclr_views(images, RRC, n_views=1, params=replay[:1], impl="torch")
+    simclr_views(images, RRC, n_views=1, generator=g, impl="torch")
+    weak_view(images, WEAK, params=weak_replay, impl="torch")
+    weak_view(images, WEAK, generator=g, impl="torch")
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_grouped_twin_syncs_are_seen(batch, monkeypatch):
     monkeypatch.setattr(torch_path, "GROUPED", True)
     images, replay, _ = batch
     with HostSyncCounter() as c:
-        simclr_views_stacked(images, SIMCLR, params=replay, backend="torch")
+        simclr_views_stacked(images, SIMCLR, params=replay, impl="torch")
     whats = {s.what for s in c.calls}
     assert {"nonzero", "__int__"} <= whats, c.summary()
 
@@ -97,5 +97,5 @@ def test_whole_batch_twin_makes_no_host_tensors_per_call(batch, monkeypatch):
     # The recorder does see such calls (a cold cache builds its constants with torch.tensor).
     torch_path._constant.cache_clear()
     with _HostTensors() as m:
-        weak_view(batch[0], WEAK, params=batch[2], backend="torch")
+        weak_view(batch[0], WEAK, params=batch[2], impl="torch")
     assert len(m.calls) == 2, m.calls

@@ -71,7 +71,7 @@ def test_simclr_normalisation_layout_and_dtypes():
     ref = torch.stack([torchvision_simclr(images[i], spec, params, i) for i in range(24)])
     ref = F.normalize(ref, list(spec.mean), list(spec.std))
     for dtype, atol in ((torch.float32, 1e-4), (torch.float16, 4e-3), (torch.bfloat16, 3e-2)):
-        views, _ = simclr_views(images, spec, params=[params], dtype=dtype, backend="torch")
+        views, _ = simclr_views(images, spec, params=[params], dtype=dtype, impl="torch")
         v = views[0]
         assert v.shape == (24, 3, 7, 7) and v.dtype == dtype
         assert v.is_contiguous(memory_format=torch.channels_last)
@@ -84,7 +84,7 @@ def test_views_are_independent_and_unclamped_bicubic_differs():
     images = torch.zeros(8, 12, 12, 3, dtype=torch.uint8)
     images[:, :, 6:] = 255
     spec = SimCLRSpec(size=24, jitter_p=0, grayscale_p=0, blur_p=0, flip_p=0, scale=(0.5, 0.5))
-    views, params = simclr_views(images, spec, seed=0, backend="torch")
+    views, params = simclr_views(images, spec, seed=0, impl="torch")
     assert not torch.equal(params[0].top, params[1].top) or not torch.equal(params[0].left, params[1].left)
     raw = T.RandomResizedCrop(24, interpolation=T.InterpolationMode.BICUBIC, antialias=False).transform(
         F.to_dtype(images[0].permute(2, 0, 1), torch.float32, scale=True),
@@ -100,7 +100,7 @@ def test_views_are_independent_and_unclamped_bicubic_differs():
 def test_weak_matches_torchvision(mode):
     spec = WeakSpec(size=7, padding=3, padding_mode=mode)
     images = random_images(16, 9, 11, seed=5)
-    view, p = weak_view(images, spec, seed=7, backend="torch")
+    view, p = weak_view(images, spec, seed=7, impl="torch")
     crop = T.RandomCrop(7, padding=3, padding_mode=mode)
     for i in range(16):
         x = F.to_dtype(images[i].permute(2, 0, 1), torch.float32, scale=True)
@@ -118,7 +118,7 @@ def test_weak_matches_torchvision(mode):
 def test_weak_default_is_cifar_random_crop():
     spec = WeakSpec()
     images = random_images(64, 32, 32, seed=1)
-    view, p = weak_view(images, spec, seed=2, backend="torch")
+    view, p = weak_view(images, spec, seed=2, impl="torch")
     assert view.shape == (64, 3, 32, 32)
     assert int(p.top.min()) >= 0 and int(p.top.max()) <= 8 and int(p.left.max()) <= 8
     # Offset (4, 4) without flip is the identity crop of the unpadded image.
@@ -132,11 +132,11 @@ def test_weak_default_is_cifar_random_crop():
 def test_normalize_matches_torchvision():
     images = random_images(5, 9, 11, seed=9)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-    got = normalize(images, mean, std, backend="torch")
+    got = normalize(images, mean, std, impl="torch")
     ref = F.normalize(F.to_dtype(images.permute(0, 3, 1, 2), torch.float32, scale=True), list(mean), list(std))
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
     assert got.is_contiguous(memory_format=torch.channels_last)
-    half = normalize(images, mean, std, dtype=torch.bfloat16, backend="torch")
+    half = normalize(images, mean, std, dtype=torch.bfloat16, impl="torch")
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), ref, atol=2e-2, rtol=0)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from engine.defenses import report_columns
 from engine.report.build import build_report
 
 DBD_STAGES = ["supervised", "pretrain", "linear", "finetune"]
@@ -41,7 +42,7 @@ def make_run(tmp_path: Path, stages=DBD_STAGES, attack="wanet", done=None, recor
 
 
 def outputs(run: Path) -> tuple[str, dict, str]:
-    table = build_report(run)
+    table = build_report(run, report_columns())
     return table, json.loads((run / "summary.json").read_text()), (run / "report.md").read_text()
 
 
@@ -142,6 +143,6 @@ def test_feature_map_panels_follow_the_stages_and_their_labels(tmp_path):
     for stage in ("supervised", "pretrain"):
         np.savez(run / stage / "features.npz", features=rng.normal(size=(40, 8)).astype(np.float32),
                  true_labels=np.arange(40) % 10, poisoned=np.arange(40) < 4)
-    build_report(run)
+    build_report(run, report_columns())
     assert (run / "plots" / "features_tsne.png").stat().st_size > 1000
     assert "![features_tsne](plots/features_tsne.png)" in (run / "report.md").read_text()

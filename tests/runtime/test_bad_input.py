@@ -24,16 +24,16 @@ def _no_training(rdir) -> None:
 
 
 def test_unknown_backend_is_a_one_line_error(tmp_path, digits_root):
-    cfg = write_config(tmp_path, digits_root, **{"distributed.backend": "horovod"})
+    cfg = write_config(tmp_path, digits_root, **{"distributed.engine": "horovod"})
     proc = run(dbd_cmd(cfg), timeout=120)
     assert proc.returncode == 2
-    assert "unknown backend 'horovod'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "distributed.engine 'horovod' is unknown" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
 def test_deepspeed_config_contradicting_the_run_config(tmp_path, digits_root):
     cfg = write_config(tmp_path, digits_root, precision="fp32", **{
-        "distributed.backend": "deepspeed", "distributed.deepspeed_config": "configs/deepspeed/zero0_bf16.json"})
+        "distributed.engine": "deepspeed", "distributed.deepspeed_config": "configs/deepspeed/zero0_bf16.json"})
     proc = run(dbd_cmd(cfg), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "trains in bf16 but the run config says precision=fp32" in proc.stderr
@@ -74,7 +74,7 @@ def test_deepspeed_config_contradictions(tmp_path, change, message):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
     precision = "bf16" if "bf16" in change else "fp32"
-    cfg = _cfg(precision=precision, **{"distributed.backend": "deepspeed", "distributed.deepspeed_config": str(path),
+    cfg = _cfg(precision=precision, **{"distributed.engine": "deepspeed", "distributed.deepspeed_config": str(path),
                                        "pretrain.batch_size": 32})
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         resolve_ds_config(cfg.distributed, cfg.precision, per_rank_batch=16, world_size=2, per_layer_optimizer=False)
@@ -84,7 +84,7 @@ def test_deepspeed_config_is_completed_explicitly(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 1},
                                 "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}))
-    cfg = _cfg(precision="bf16", **{"distributed.backend": "deepspeed", "distributed.deepspeed_config": str(path)})
+    cfg = _cfg(precision="bf16", **{"distributed.engine": "deepspeed", "distributed.deepspeed_config": str(path)})
     ds = resolve_ds_config(cfg.distributed, cfg.precision, per_rank_batch=16, world_size=2, per_layer_optimizer=False)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 1
@@ -94,20 +94,20 @@ def test_deepspeed_config_is_completed_explicitly(tmp_path):
 @pytest.mark.parametrize("name", ["zero1_bf16.json", "zero2_bf16.json", "zero2_fp16.json"])
 def test_lars_is_refused_with_flattening_deepspeed_configs(name):
     precision = "fp16" if "fp16" in name else "bf16"
-    cfg = _cfg(precision=precision, **{"distributed.backend": "deepspeed", "pretrain.optimizer": "lars",
+    cfg = _cfg(precision=precision, **{"distributed.engine": "deepspeed", "pretrain.optimizer": "lars",
                                        "distributed.deepspeed_config": f"configs/deepspeed/{name}"})
     with pytest.raises(UserError, match="LARS needs per-layer trust ratios"):
         preflight(cfg, 1)
 
 
 def test_lars_is_accepted_with_zero0_autocast():
-    cfg = _cfg(precision="bf16", **{"distributed.backend": "deepspeed", "pretrain.optimizer": "lars",
+    cfg = _cfg(precision="bf16", **{"distributed.engine": "deepspeed", "pretrain.optimizer": "lars",
                                     "distributed.deepspeed_config": "configs/deepspeed/zero0_bf16.json"})
     preflight(cfg, 1)
 
 
 def test_missing_deepspeed_config():
-    cfg = _cfg(**{"distributed.backend": "deepspeed", "distributed.deepspeed_config": "no/such.json"})
+    cfg = _cfg(**{"distributed.engine": "deepspeed", "distributed.deepspeed_config": "no/such.json"})
     with pytest.raises(UserError, match="no/such.json not found"):
         preflight(cfg, 1)
 
@@ -115,7 +115,7 @@ def test_missing_deepspeed_config():
 @pytest.mark.parametrize("name", ["zero0_fp32", "zero0_bf16", "zero1_bf16", "zero2_bf16", "zero0_fp16", "zero2_fp16"])
 def test_shipped_deepspeed_configs_are_consistent(name):
     precision = name.split("_")[1]
-    cfg = _cfg(precision=precision, **{"distributed.backend": "deepspeed",
+    cfg = _cfg(precision=precision, **{"distributed.engine": "deepspeed",
                                        "distributed.deepspeed_config": f"configs/deepspeed/{name}.json"})
     ds = resolve_ds_config(cfg.distributed, cfg.precision, per_rank_batch=8, world_size=2, per_layer_optimizer=False)
     assert ds["gradient_clipping"] == 0.0

@@ -120,10 +120,10 @@ def test_a_bad_launcher_variable_is_named():
 
 def test_deepspeed_gets_the_mapped_gpu_not_the_local_rank():
     # srun --gpus-per-task 1, local rank 3: the one visible GPU is index 0.
-    dist = launch.DistInfo(rank=7, world_size=8, local_rank=3, device=torch.device("cuda", 0), backend="nccl",
+    dist = launch.DistInfo(rank=7, world_size=8, local_rank=3, device=torch.device("cuda", 0), pg_backend="nccl",
                            launcher="slurm")
     assert deepspeed_args(dist).device_rank == 0
-    cpu = launch.DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), backend="gloo",
+    cpu = launch.DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), pg_backend="gloo",
                           launcher="torchrun")
     assert deepspeed_args(cpu).device_rank == 1  # DeepSpeed's own default on CPU, unchanged
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 # at 7fbb10b, steps 0-2 agreed within 6e-5 and the rounding differences then grew to
 # 4e-3, 8e-3 and 6e-2 by steps 3-5. Since the SimCLR blur became the reference's full
 # Gaussian (issue 12) the growth starts a step earlier: step 2 differs by 2.5e-3 (and by
-# 3e-3 in benchmarks/gpu.py's smoke run, which compares the same thing independently).
+# 3e-3 in benchmarks/gpu/'s smoke run, which compares the same thing independently).
 # The first two steps are where a real error (a gradient off by the world size, a wrong
 # shard, unsynchronised BatchNorm) shows, at the 1e-1 level or more.
 CROSS = dict(first_tol=1e-4, tol=1.5e-1, first=2)
@@ -98,7 +98,7 @@ def test_mpirun(work, digits_root, torchrun2):
 
 def test_deepspeed_launcher(work, digits_root, single, torchrun2):
     cfg = write_config(work, digits_root, "deepspeed",
-                       **{"distributed.backend": "deepspeed",
+                       **{"distributed.engine": "deepspeed",
                           "distributed.deepspeed_config": "configs/deepspeed/zero0_fp32.json"})
     proc = check(run([BIN / "deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module", "engine",
                       "run", cfg], timeout=600))
@@ -115,7 +115,7 @@ def test_deepspeed_launcher_hostfile_openmpi(work, digits_root, torchrun2):
     # through mpirun, so the engine discovers them through MPI. On one host without an
     # ssh server, --no_ssh_check and --force_multi make it take that path anyway.
     cfg = write_config(work, digits_root, "ds-openmpi", **{
-        "distributed.backend": "deepspeed", "distributed.deepspeed_config": "configs/deepspeed/zero0_fp32.json"})
+        "distributed.engine": "deepspeed", "distributed.deepspeed_config": "configs/deepspeed/zero0_fp32.json"})
     hosts = work / "hostfile"
     hosts.write_text("localhost slots=2\n")
     proc = check(run([BIN / "deepspeed", "--hostfile", hosts, "--no_ssh_check", "--force_multi",
@@ -146,7 +146,7 @@ def test_deepspeed_zero2_two_processes_resume_replays_the_same_steps(work, digit
     # Checkpoints at epoch ends only: the rank dies at step 7, the rerun restarts from
     # step 4 and must reproduce steps 4-6 exactly (ZeRO-2 partitions, bf16 autocast).
     cfg = write_config(work, digits_root, "zero2", precision="bf16", **{
-        "distributed.backend": "deepspeed", "distributed.deepspeed_config": "configs/deepspeed/zero2_bf16.json",
+        "distributed.engine": "deepspeed", "distributed.deepspeed_config": "configs/deepspeed/zero2_bf16.json",
         "distributed.checkpoint_every": 0})
     cmd = torchrun_cmd("--nproc_per_node", "2", "--master_port", free_port(), "-m", "engine", "run", cfg)
     first = run(cmd, DBD_FAULT_EXIT_AT_STEP="7:1:exit", timeout=600)

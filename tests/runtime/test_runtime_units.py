@@ -62,7 +62,7 @@ def test_single_process_init_is_idempotent(clean_env):
     a = launch.init_distributed(cfg.device, cfg.distributed)
     try:
         assert launch.init_distributed(cfg.device, cfg.distributed) is a
-        assert (a.rank, a.world_size, a.launcher, a.backend, a.is_main) == (0, 1, "single", None, True)
+        assert (a.rank, a.world_size, a.launcher, a.pg_backend, a.is_main) == (0, 1, "single", None, True)
         launch.barrier()  # no process group: a no-op
     finally:
         launch.shutdown()
@@ -103,7 +103,7 @@ def _train(backend, steps: int, seed: int = 0) -> None:
     ("deepspeed", "fp16", "zero0_fp16"),
 ])
 def test_checkpoint_roundtrip_restores_everything(tmp_path, clean_env, backend, precision, ds_config):
-    over = ["device=cpu", f"precision={precision}", f"distributed.backend={backend}"]
+    over = ["device=cpu", f"precision={precision}", f"distributed.engine={backend}"]
     if ds_config:
         from tests.runtime.helpers import env
 

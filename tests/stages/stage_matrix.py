@@ -169,7 +169,7 @@ def main(mode: str, out: Path) -> None:
         result["imports"] = import_all()
     # One process group for every stage built here (DeepSpeed keeps the first it sees).
     TINY = tiny()
-    base = load_config(None, TINY + ["distributed.backend=deepspeed"] if mode == "deepspeed" else TINY)
+    base = load_config(None, TINY + ["distributed.engine=deepspeed"] if mode == "deepspeed" else TINY)
     dist = init_distributed(base.device, base.distributed, base.runtime)
     runs = {}
     cfg = load_config(None, TINY + [f"run_dir={work / 'ddp'}"])
@@ -185,7 +185,7 @@ def main(mode: str, out: Path) -> None:
                 if reason:
                     runs[f"{js}/{name}"] = {"skip": reason}
                     continue
-                over = [f"run_dir={work / js}", f"precision={precision}", "distributed.backend=deepspeed",
+                over = [f"run_dir={work / js}", f"precision={precision}", "distributed.engine=deepspeed",
                         f"distributed.deepspeed_config={path}"]
                 if js not in ("zero0_fp32", "zero0_bf16", "zero0_fp16"):
                     # ZeRO partitions and DeepSpeed's own 16-bit modes optimise flattened

@@ -98,12 +98,12 @@ def test_inputs_are_cast_to_each_modules_own_dtype():
 
 
 def test_deepspeed_owned_precision_keeps_batchnorm_buffers_with_its_weights(tmp_path):
-    cfg = load_config(None, ["precision=fp16", "distributed.backend=deepspeed",
+    cfg = load_config(None, ["precision=fp16", "distributed.engine=deepspeed",
                              "distributed.deepspeed_config=configs/deepspeed/zero2_fp16.json"])
     ds = resolve_ds_config(cfg.distributed, "fp16", per_rank_batch=8, world_size=1, per_layer_optimizer=False)
     assert ds["data_types"]["buffer_dtype"] == "fp16"
     # Under torch autocast the weights and buffers stay fp32: nothing to add.
-    cfg = load_config(None, ["precision=fp16", "distributed.backend=deepspeed",
+    cfg = load_config(None, ["precision=fp16", "distributed.engine=deepspeed",
                              "distributed.deepspeed_config=configs/deepspeed/zero0_fp16.json"])
     ds = resolve_ds_config(cfg.distributed, "fp16", per_rank_batch=8, world_size=1, per_layer_optimizer=False)
     assert "data_types" not in ds
@@ -112,6 +112,6 @@ def test_deepspeed_owned_precision_keeps_batchnorm_buffers_with_its_weights(tmp_
     own["data_types"] = {"buffer_dtype": "fp32"}
     path = Path(tmp_path) / "own.json"
     path.write_text(json.dumps(own))
-    cfg = load_config(None, ["precision=fp16", "distributed.backend=deepspeed", f"distributed.deepspeed_config={path}"])
+    cfg = load_config(None, ["precision=fp16", "distributed.engine=deepspeed", f"distributed.deepspeed_config={path}"])
     ds = resolve_ds_config(cfg.distributed, "fp16", per_rank_batch=8, world_size=1, per_layer_optimizer=False)
     assert ds["data_types"]["buffer_dtype"] == "fp32"

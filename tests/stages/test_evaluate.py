@@ -31,7 +31,7 @@ def _evaluator(root, run_dir, *overrides):
     cfg = load_config(None, ["device=cpu", "data.name=digits", f"data.root={root}", "data.num_workers=1",
                              "attack.name=badnets", "attack.target=0", "attack.ratio=0.1", *overrides])
     meta = load_meta(root)
-    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None, launcher="test")
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), pg_backend=None, launcher="test")
     poison = build_poison(cfg, meta, run_dir)
     data = RunData(cfg.data, DatasetMeta.from_raw(meta), dist, cfg.seed, poison)
     return Evaluator(data, Precision("fp32")), poison

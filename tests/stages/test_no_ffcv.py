@@ -70,7 +70,7 @@ def _data(world_size: int = 1, rank: int = 0, n: int = 20):
     from engine.runtime.launch import DistInfo
 
     cfg = load_config(None, ["data.image_size=8"])
-    dist = DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"), backend=None,
+    dist = DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"), pg_backend=None,
                     launcher="test")
     images = torch.arange(n * 8 * 8 * 3, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(n, 8, 8, 3)
     labels = torch.arange(n) % 5
@@ -117,7 +117,7 @@ def test_memory_data_refuses_what_the_stages_cannot_use():
     from engine.runtime.launch import DistInfo
 
     cfg = load_config(None, ["data.image_size=8"])
-    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None, launcher="test")
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), pg_backend=None, launcher="test")
     ok = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
     cases = [((ok.float(), torch.zeros(4)), "must be uint8 \\(N, H, W, 3\\)"),
              ((torch.zeros(4, 16, 16, 3, dtype=torch.uint8), torch.zeros(4)), "16x16 but data.image_size is 8"),

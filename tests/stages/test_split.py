@@ -45,7 +45,7 @@ def make_data(root: Path, run_dir: Path, rank: int = 0, world: int = 1):
                              "attack.ratio=0.1", "attack.select_from=non_target", f"run_dir={run_dir}"])
     meta = load_meta(root)
     dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"),
-                    backend="gloo" if world > 1 else None, launcher="test")
+                    pg_backend="gloo" if world > 1 else None, launcher="test")
     poison = build_poison(cfg, meta, run_dir)
     return cfg, RunData(cfg.data, DatasetMeta.from_raw(meta), dist, cfg.seed, poison)
 

@@ -33,7 +33,7 @@ def _stage(root: Path, run_dir: Path, name: str, *overrides: str):
 
     cfg = load_config(None, TINY + [f"data.root={root}", f"run_dir={run_dir}", *overrides])
     meta = load_meta(root)
-    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None, launcher="test")
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), pg_backend=None, launcher="test")
     run_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(cfg.data, DatasetMeta.from_raw(meta), dist, cfg.seed, build_poison(cfg, meta, run_dir))
     stage = make_stage(cfg, name, run_dir=run_dir, dist=dist, data=data)

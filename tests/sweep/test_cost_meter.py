@@ -11,7 +11,7 @@ import torch
 from engine.runtime.cost import CostMeter
 from engine.runtime.launch import DistInfo
 
-SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None, launcher="single")
+SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), pg_backend=None, launcher="single")
 
 
 def busy(seconds: float) -> None:

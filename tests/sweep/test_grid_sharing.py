@@ -64,7 +64,7 @@ def test_result_changing_values_train_their_own(tmp_path, digits_root):
     (tmp_path / "z1.json").write_text('{"zero_optimization": {"stage": 1}}')
     z0, z1 = entries(tmp_path, digits_root,
                      {"distributed.deepspeed_config": [str(tmp_path / "z0.json"), str(tmp_path / "z1.json")]},
-                     "deepspeed", overrides={"distributed.backend": "deepspeed"})
+                     "deepspeed", overrides={"distributed.engine": "deepspeed"})
     assert set(z0).isdisjoint(z1)
 
     # TF32 on GPU tasks (auto device, one GPU per task) splits; on CPU tasks it cannot.

@@ -10,6 +10,7 @@ import statistics
 
 import pytest
 
+from engine.defenses import report_columns
 from engine.sweep.runner import refresh_index
 from engine.report.leaderboard import build_leaderboard, group_rows, leaderboard_plots, read_cell
 
@@ -71,7 +72,7 @@ def sweep(tmp_path):
 
 
 def test_leaderboard_numbers(sweep):
-    build_leaderboard(sweep)
+    build_leaderboard(sweep, report_columns())
     rows = {(r["attack.name"], r["defense"]): r for r in csv.DictReader((sweep / "leaderboard.csv").open())}
     assert len(rows) == 4
     none, dbd = rows[("badnets", "none")], rows[("badnets", "dbd")]
@@ -102,7 +103,7 @@ def test_leaderboard_numbers(sweep):
 
 def drawn(sweep):
     index = json.loads((sweep / "cells.json").read_text())
-    rows = group_rows([read_cell(sweep, e) for e in index["cells"]])
+    rows = group_rows([read_cell(sweep, e, report_columns()) for e in index["cells"]])
     return leaderboard_plots(sweep, rows, ["attack.name"])
 
 
@@ -153,7 +154,7 @@ def test_status_files_are_the_source(sweep):
     (sweep / "cells" / stale / "status.json").write_text(json.dumps({
         "status": "failed", "error": "old", "config_hash": "an earlier config"}))
     refresh_index(sweep)  # what `dbd leaderboard` does first
-    build_leaderboard(sweep)
+    build_leaderboard(sweep, report_columns())
     cells = {c["name"]: c for c in json.loads((sweep / "cells.json").read_text())["cells"]}
     assert cells[never_ran]["status"] == "failed" and cells[never_ran]["error"] == "ValueError: bad"
     assert cells[never_ran]["traceback"] == f"cells/{never_ran}/error.txt" and cells[never_ran]["job"] == "9_6"
@@ -167,7 +168,7 @@ def test_status_files_are_the_source(sweep):
     (sweep / "cells" / never_ran / "status.json").write_text(json.dumps({
         "status": "running", "started": 1.0, "host": "node7", "job": "9_6", "config_hash": "h-" + never_ran}))
     refresh_index(sweep)  # what `dbd leaderboard` does first
-    build_leaderboard(sweep)
+    build_leaderboard(sweep, report_columns())
     rows = {(r["attack.name"], r["defense"]): r for r in csv.DictReader((sweep / "leaderboard.csv").open())}
     assert rows[("wanet", "none")]["status"] == "1 unfinished"
     md = (sweep / "leaderboard.md").read_text()

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from engine.config import load_config
+from engine.defenses import report_columns
 from engine.report.leaderboard import build_leaderboard
 from engine.sweep.runner import refresh_index
 from engine.sweep.grid import load_grid
@@ -132,7 +133,7 @@ def test_array_tasks_record_their_cells(tmp_path, color_root):
     assert status["status"] == "running" and status["job"] == "4242_0" and status["host"] == socket.gethostname()
     assert status["finished"] is None and status["started"] > 0
     refresh_index(out)  # what `dbd leaderboard` does before the table
-    build_leaderboard(out)
+    build_leaderboard(out, report_columns())
     md = (out / "leaderboard.md").read_text()
     assert "## Unfinished cells" in md and f"- {ok.name}: started " in md and "Slurm job 4242_0" in md
     assert json.loads((out / "cells.json").read_text())["cells"][0]["status"] == "running"

@@ -19,7 +19,7 @@ ATTACK = {f"attack.{k}" for k in ("name", "target", "ratio", "label_mode", "sele
                                   "seed", "badnets")}
 # The numerics every stage's key holds: where it trains and the backend (on CPU, TF32 and
 # cuDNN's algorithm search change nothing; the DeepSpeed JSON counts only under DeepSpeed).
-NUMERICS = {"device", "distributed.backend"}
+NUMERICS = {"device", "distributed.engine"}
 COMMON = {"data.image_size", "data.decode_size", "data.decode_device", "data.mean", "data.std", "data.horizontal_flip",
           "model", "seed", "precision", "distributed.batch_semantics", "distributed.lr_scaling",
           "distributed.grad_clip"} | ATTACK | NUMERICS
@@ -130,7 +130,7 @@ def _ds(tmp_path, name: str, text: str) -> str:
 
 
 def test_deepspeed_config_keyed_by_resolved_content(tmp_path):
-    ds = lambda path: cfg_with("distributed.backend=deepspeed", f"distributed.deepspeed_config={path}")  # noqa: E731
+    ds = lambda path: cfg_with("distributed.engine=deepspeed", f"distributed.deepspeed_config={path}")  # noqa: E731
     base = _ds(tmp_path, "a.json", '{"zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": true}')
     # The same settings elsewhere, spelt differently (order, spacing, a default written out).
     same = _ds(tmp_path, "b.json", '{"zero_allow_untested_optimizer": true,\n "gradient_clipping": 0.0, '
@@ -142,12 +142,12 @@ def test_deepspeed_config_keyed_by_resolved_content(tmp_path):
     assert key[base] != stage_key(cfg_with(), "pretrain", dataset_hash="h")  # DeepSpeed vs DDP
     # Gradient clipping: the JSON and distributed.grad_clip must agree, and the key follows.
     clip = _ds(tmp_path, "d.json", '{"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0}')
-    clipped = cfg_with("distributed.backend=deepspeed", f"distributed.deepspeed_config={clip}",
+    clipped = cfg_with("distributed.engine=deepspeed", f"distributed.deepspeed_config={clip}",
                        "distributed.grad_clip=1.0")
     assert stage_key(clipped, "pretrain", dataset_hash="h") != key[base]
     # fp16 loss scaling lives only in the JSON.
     fp16 = '{"fp16": {"enabled": true, "initial_scale_power": %d}, "zero_optimization": {"stage": 0}}'
-    keys16 = [stage_key(cfg_with("distributed.backend=deepspeed", "precision=fp16",
+    keys16 = [stage_key(cfg_with("distributed.engine=deepspeed", "precision=fp16",
                                  f"distributed.deepspeed_config={_ds(tmp_path, f's{p}.json', fp16 % p)}"),
                         "pretrain", dataset_hash="h") for p in (16, 8)]
     assert keys16[0] != keys16[1]

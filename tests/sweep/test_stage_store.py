@@ -12,7 +12,7 @@ from engine.errors import UserError
 from engine.runtime.launch import DistInfo
 from engine.stages.store import StageStore
 
-SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None, launcher="single")
+SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), pg_backend=None, launcher="single")
 
 
 def test_links_relink_and_lock(tmp_path):

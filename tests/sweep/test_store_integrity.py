@@ -26,7 +26,7 @@ from engine.runtime.launch import DistInfo
 from engine.stages import integrity
 from engine.stages.store import StageStore
 
-SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None, launcher="single")
+SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), pg_backend=None, launcher="single")
 STAGE = "supervised"
 # The pattern dataset (200 training, 40 test images), one step of 16 images.
 TINY = {"stages": [STAGE], "seed": 0, "device": "cpu",

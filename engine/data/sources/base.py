@@ -1,4 +1,5 @@
-"""What every reader returns: indexable splits the FFCV writer can consume."""
+"""What every reader returns: indexable splits the FFCV writer can consume; and the
+registry of readers (each source module registers its ``read`` by dataset name)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +8,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+from engine.registry import Registry
+
+# dataset name -> read(source, **options) -> SourceSplits; filled as each module of
+# engine/data/sources is imported (engine/data/sources/__init__.py imports them all).
+SOURCES: Registry = Registry("dataset")
 
 
 class SourceDataset:

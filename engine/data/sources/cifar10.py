@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.sources.pickled import read_release, unpickle
-from engine.data.sources.base import ContentHasher, SourceSplits, array_dataset
+from engine.data.sources.base import SOURCES, ContentHasher, SourceSplits, array_dataset
 from engine.errors import UserError
 
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -14,6 +14,7 @@ TEST_BATCH = "test_batch"
 META = "batches.meta"
 
 
+@SOURCES.register("cifar10")
 def read(source: str | None, **_: object) -> SourceSplits:
     if not source:
         raise UserError("cifar10 needs --source: the cifar-10-batches-py folder or cifar-10-python.tar.gz")

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.sources.pickled import read_release, unpickle
-from engine.data.sources.base import ContentHasher, SourceSplits, array_dataset
+from engine.data.sources.base import SOURCES, ContentHasher, SourceSplits, array_dataset
 from engine.errors import UserError
 
 FILES = ("train", "test", "meta")
 FOLDER = "cifar-100-python"
 
 
+@SOURCES.register("cifar100")
 def read(source: str | None, **_: object) -> SourceSplits:
     if not source:
         raise UserError("cifar100 needs --source: the cifar-100-python folder or cifar-100-python.tar.gz")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.data.sources.base import ContentHasher, SourceSplits, array_dataset
+from engine.data.sources.base import SOURCES, ContentHasher, SourceSplits, array_dataset
 
 SIZE = 32
 TEST_FRACTION = 0.25
 SPLIT_SEED = 0
 
 
+@SOURCES.register("digits")
 def read(source: str | None = None, **_: object) -> SourceSplits:
     import torch
     import torch.nn.functional as F

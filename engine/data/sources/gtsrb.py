@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.sources.base import ContentHasher, SourceDataset, SourceSplits
+from engine.data.sources.base import SOURCES, ContentHasher, SourceDataset, SourceSplits
 from engine.data.sources.files import FileLoader, hash_files
 from engine.errors import UserError
 
 
 
+@SOURCES.register("gtsrb")
 def read(source: str | None, size: int = 32, **_: object) -> SourceSplits:
     if not source:
         raise UserError("gtsrb needs --source: the folder holding Final_Training/ and Final_Test/")

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.decode_geometry import AtDecodeGeometry
-from engine.data.sources.base import ContentHasher, SourceDataset, SourceSplits
+from engine.data.sources.base import SOURCES, ContentHasher, SourceDataset, SourceSplits
 from engine.data.sources.files import FileLoader, hash_files, image_sizes
 from engine.errors import UserError
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".JPEG"}
 
 
+@SOURCES.register("imagefolder")
 def read(source: str | None, classes_file: str | None = None, max_resolution: int = 512,
          decode_size: int = 0, **_: object) -> SourceSplits:
     if not source:

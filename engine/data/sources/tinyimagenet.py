@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.sources.base import ContentHasher, SourceDataset, SourceSplits
+from engine.data.sources.base import SOURCES, ContentHasher, SourceDataset, SourceSplits
 from engine.data.sources.files import FileLoader, hash_files
 from engine.errors import UserError
 
@@ -33,6 +33,7 @@ SIZE = 64
 EXTENSIONS = {".jpeg", ".jpg", ".png"}
 
 
+@SOURCES.register("tinyimagenet")
 def read(source: str | None, **_: object) -> SourceSplits:
     if not source:
         raise UserError("tinyimagenet needs --source: the tiny-imagenet-200 folder")

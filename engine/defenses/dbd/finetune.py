@@ -104,14 +104,14 @@ class Finetune(Stage):
 
     def build(self) -> None:
         c, env = self.config, self.env
-        plan = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "finetune.batch_size")
-        self.per_rank = plan.per_rank
-        self.global_batch = plan.global_batch
+        batching = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "finetune.batch_size")
+        self.per_rank = batching.per_rank
+        self.global_batch = batching.global_batch
         model = Classifier(env.model.arch, env.model.width, env.num_classes)
         load_weights(model, env.upstream_model(self.needs[0]))
-        lr = plan.scale_lr(c.lr)
+        lr = batching.scale_lr(c.lr)
         self.backend = build_backend(model, lambda p: torch.optim.Adam(p, lr=lr), env.distributed, env.precision,
-                                     env.dist, sync_bn=False, per_rank_batch=plan.per_rank)
+                                     env.dist, sync_bn=False, per_rank_batch=batching.per_rank)
         if c.adam_from_linear:
             self._continue_adam(env.run_dir / "linear" / OPTIMIZER)
         self.augment = WeakAugment(env.data.config, c.view)
@@ -123,7 +123,7 @@ class Finetune(Stage):
         self.labelled_loader = self.unlabelled_loader = None
         self.epochs = c.epochs
         self.steps_per_epoch = c.iterations_per_epoch
-        self.images_per_step = plan.global_batch * 2
+        self.images_per_step = batching.global_batch * 2
 
     def _continue_adam(self, path) -> None:
         """Load the linear stage's Adam state into this Adam, parameter by parameter."""

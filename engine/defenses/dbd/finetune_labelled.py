@@ -60,24 +60,24 @@ class FinetuneLabelled(ClassifierStage):
 
     def build(self) -> None:
         c, env = self.config, self.env
-        plan = plan_batch(c.batch_size, env.distributed, env.dist.world_size, f"{self.name}.batch_size")
+        batching = plan_batch(c.batch_size, env.distributed, env.dist.world_size, f"{self.name}.batch_size")
         model = Classifier(env.model.arch, env.model.width, env.num_classes)
         load_weights(model, env.upstream_model("linear"))
-        lr = plan.scale_lr(c.lr)
+        lr = batching.scale_lr(c.lr)
         self.backend = build_backend(model, lambda p: torch.optim.Adam(p, lr=lr), env.distributed, env.precision,
-                                     env.dist, sync_bn=False, per_rank_batch=plan.per_rank)
+                                     env.dist, sync_bn=False, per_rank_batch=batching.per_rank)
         self.augment = WeakAugment(env.data.config, c.view)
         self.split = EpochSplit(env.data, env.precision, self.augment, epsilon=c.epsilon, alpha=c.sce_alpha,
                                 beta=c.sce_beta, metrics=env.metrics, name=self.name)
-        self.per_rank = plan.per_rank
+        self.per_rank = batching.per_rank
         self.loader = None
         # The labelled part always holds int(epsilon * N) samples: one pass over it.
-        self.steps_per_epoch = int(c.epsilon * env.data.meta.train_count) // plan.global_batch
+        self.steps_per_epoch = int(c.epsilon * env.data.meta.train_count) // batching.global_batch
         if self.steps_per_epoch < 1:
             raise UserError(f"{self.name}: the labelled part ({int(c.epsilon * env.data.meta.train_count)} samples) "
-                            f"makes no global batch of {plan.global_batch}; lower {self.name}.batch_size")
+                            f"makes no global batch of {batching.global_batch}; lower {self.name}.batch_size")
         self.epochs = c.epochs
-        self.images_per_step = plan.global_batch
+        self.images_per_step = batching.global_batch
 
     def on_epoch_start(self, epoch: int) -> None:
         labelled = self.split.at(epoch, self.backend.module)

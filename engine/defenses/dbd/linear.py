@@ -93,15 +93,15 @@ class Linear(ClassifierStage):
 
     def build(self) -> None:
         c, env = self.config, self.env
-        plan = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "linear.batch_size")
+        batching = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "linear.batch_size")
         classifier = Classifier(env.model.arch, env.model.width, env.num_classes)
         load_weights(classifier, env.upstream_model("pretrain"), prefix="backbone.")
         model = LinearProbe(classifier, c.backbone_bn)
-        lr = plan.scale_lr(c.lr)
+        lr = batching.scale_lr(c.lr)
         self.backend = build_backend(model, lambda p: torch.optim.Adam([q for q in p if q.requires_grad], lr=lr),
                                      env.distributed, env.precision, env.dist, sync_bn=False,
-                                     per_rank_batch=plan.per_rank)
-        self.train_on_whole_set(plan, c.view, c.iterations_per_epoch)
+                                     per_rank_batch=batching.per_rank)
+        self.train_on_whole_set(batching, c.view, c.iterations_per_epoch)
 
     def loss(self, logits, labels):
         return symmetric_cross_entropy(logits, labels, self.config.sce_alpha, self.config.sce_beta)

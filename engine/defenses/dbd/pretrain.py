@@ -95,24 +95,25 @@ class Pretrain(Stage):
         from engine.models import SimCLRModel
 
         c, env = self.config, self.env
-        plan = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "pretrain.batch_size")
-        self.plan = plan
-        self.base_lr = plan.scale_lr(c.lr)
+        batching = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "pretrain.batch_size")
+        self.batching = batching
+        self.base_lr = batching.scale_lr(c.lr)
         model = SimCLRModel(env.model.arch, env.model.width, env.model.proj_hidden, env.model.proj_dim)
         self.backend = build_backend(model, make_optimizer_factory(c, self.base_lr), env.distributed, env.precision,
-                                     env.dist, sync_bn=c.sync_bn, per_rank_batch=plan.per_rank)
-        self.loader = env.data.train_loader(plan.per_rank)
+                                     env.dist, sync_bn=c.sync_bn, per_rank_batch=batching.per_rank)
+        self.loader = env.data.train_loader(batching.per_rank)
         # Every rank must take the same number of steps; the padded shard could allow one more.
         n_samples = len(self.loader.indices)
-        steps = min(len(self.loader), n_samples // plan.global_batch)
+        steps = min(len(self.loader), n_samples // batching.global_batch)
         if c.iterations_per_epoch > 0:
             steps = min(steps, c.iterations_per_epoch)
         if steps < 1:
-            raise UserError(f"pretrain: {n_samples} training images make no full global batch of {plan.global_batch}")
+            raise UserError(f"pretrain: {n_samples} training images make no full global batch of "
+                            f"{batching.global_batch}")
         self.spec = simclr_spec(env.data.config, c.views)
         self.epochs = c.epochs
         self.steps_per_epoch = steps
-        self.images_per_step = plan.global_batch
+        self.images_per_step = batching.global_batch
 
     def batches(self, epoch: int):
         return self.env.data.epoch(self.loader, epoch)
@@ -156,4 +157,4 @@ class Pretrain(Stage):
         return self.backend.module.backbone
 
     def summary(self) -> dict:
-        return {"global_batch": self.plan.global_batch, "per_rank_batch": self.plan.per_rank}
+        return {"global_batch": self.batching.global_batch, "per_rank_batch": self.batching.per_rank}

@@ -57,13 +57,13 @@ class Supervised(ClassifierStage):
 
     def build(self) -> None:
         c, env = self.config, self.env
-        plan = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "supervised.batch_size")
-        self.base_lr = plan.scale_lr(c.lr)
+        batching = plan_batch(c.batch_size, env.distributed, env.dist.world_size, "supervised.batch_size")
+        self.base_lr = batching.scale_lr(c.lr)
         model = Classifier(env.model.arch, env.model.width, env.num_classes)
         self.backend = build_backend(
             model, lambda p: torch.optim.SGD(p, lr=self.base_lr, momentum=c.momentum, weight_decay=c.weight_decay),
-            env.distributed, env.precision, env.dist, sync_bn=False, per_rank_batch=plan.per_rank)
-        self.train_on_whole_set(plan, c.view, c.iterations_per_epoch)
+            env.distributed, env.precision, env.dist, sync_bn=False, per_rank_batch=batching.per_rank)
+        self.train_on_whole_set(batching, c.view, c.iterations_per_epoch)
 
     def loss(self, logits, labels):
         return F.cross_entropy(logits, labels)

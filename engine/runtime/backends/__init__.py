@@ -24,14 +24,13 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from engine.errors import UserError
-from engine.runtime.backends.base import TRAIN_STATE, TrainBackend
+from engine.runtime.backends.base import ENGINES, TRAIN_STATE, TrainBackend
 from engine.runtime.backends.ddp import DDPBackend
 from engine.runtime.backends.deepspeed import DeepSpeedBackend, cast_inputs_to_parameters
 from engine.runtime.backends.ds_config import deepspeed_args, ds_precision, load_ds_config, resolve_ds_config
 from engine.runtime.precision import Precision
 
-__all__ = ["TRAIN_STATE", "DDPBackend", "DeepSpeedBackend", "TrainBackend", "build_backend",
+__all__ = ["ENGINES", "TRAIN_STATE", "DDPBackend", "DeepSpeedBackend", "TrainBackend", "build_backend",
            "cast_inputs_to_parameters", "check_backend", "deepspeed_args", "ds_precision", "load_ds_config",
            "resolve_ds_config"]
 
@@ -39,29 +38,19 @@ __all__ = ["TRAIN_STATE", "DDPBackend", "DeepSpeedBackend", "TrainBackend", "bui
 def build_backend(model: nn.Module, make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                   distributed, precision: Precision, dist, *, sync_bn: bool, per_rank_batch: int = 0,
                   find_unused_parameters: bool = False) -> TrainBackend:
-    """Wrap ``model`` for training on ``dist.device`` with ``distributed.backend``.
+    """Wrap ``model`` for training on ``dist.device`` with ``distributed.engine``.
 
     ``make_optimizer`` receives the final parameters (after device placement and any
     SyncBatchNorm conversion). ``per_rank_batch`` is required by DeepSpeed (its config
     states the batch); ``sync_bn`` applies only with more than one process.
     """
-    name = distributed.backend
-    if name == "ddp":
-        return DDPBackend(model, make_optimizer, distributed, precision, dist, sync_bn=sync_bn,
-                          find_unused_parameters=find_unused_parameters)
-    if name == "deepspeed":
-        if per_rank_batch < 1:
-            raise ValueError("build_backend: the deepspeed backend needs per_rank_batch")
-        return DeepSpeedBackend(model, make_optimizer, distributed, precision, dist, sync_bn=sync_bn,
-                                per_rank_batch=per_rank_batch)
-    raise UserError(f"config: distributed.backend {name!r} is unknown: must be ddp or deepspeed")
+    backend = ENGINES.lookup(distributed.engine, "distributed.engine")
+    return backend(model, make_optimizer, distributed, precision, dist, sync_bn=sync_bn,
+                   per_rank_batch=per_rank_batch, find_unused_parameters=find_unused_parameters)
 
 
 def check_backend(distributed, precision: str, world_size: int, *, per_rank_batch: int,
                   per_layer_optimizer: bool) -> None:
     """What can fail about the backend on the config alone, before any work (preflight)."""
-    if distributed.backend not in ("ddp", "deepspeed"):
-        raise UserError(f"config: distributed.backend {distributed.backend!r} is unknown: must be ddp or deepspeed")
-    if distributed.backend == "deepspeed":
-        resolve_ds_config(distributed, precision, per_rank_batch=per_rank_batch, world_size=world_size,
-                          per_layer_optimizer=per_layer_optimizer)
+    ENGINES.lookup(distributed.engine, "distributed.engine").preflight(
+        distributed, precision, world_size, per_rank_batch=per_rank_batch, per_layer_optimizer=per_layer_optimizer)

@@ -9,9 +9,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from engine.registry import Registered, Registry
 from engine.runtime.precision import Precision
 
 TRAIN_STATE = "train_state.pt"
+# distributed.engine's values: each TrainBackend subclass with a ``name`` registers here.
+ENGINES: Registry = Registry("training engine")
 
 
 class _Each(nn.Module):
@@ -32,8 +35,19 @@ class _Each(nn.Module):
         return self.module(*args, **kwargs)
 
 
-class TrainBackend(abc.ABC):
-    name = "base"
+class TrainBackend(Registered, abc.ABC):
+    """What a stage trains through. A subclass sets ``name`` (its ``distributed.engine``
+    value) and is built by ``build_backend`` with the keyword arguments of ``BUILD_ARGS``."""
+
+    registry = ENGINES
+    # Whether even one process needs torch.distributed's process group (DeepSpeed's
+    # engine always talks through it).
+    needs_process_group: bool = False
+
+    @classmethod
+    def preflight(cls, distributed, precision: str, world_size: int, *, per_rank_batch: int,
+                  per_layer_optimizer: bool) -> None:
+        """What can fail on the config alone, checked before any work (the default: nothing)."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, distributed, precision: Precision, dist):
         self.module = module

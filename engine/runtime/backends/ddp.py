@@ -17,7 +17,7 @@ class DDPBackend(TrainBackend):
     name = "ddp"
 
     def __init__(self, module, make_optimizer, distributed, precision: Precision, dist, *, sync_bn: bool,
-                 find_unused_parameters: bool):
+                 find_unused_parameters: bool, per_rank_batch: int = 0):
         module = module.to(dist.device)
         if distributed.channels_last:
             module = module.to(memory_format=torch.channels_last)

@@ -46,11 +46,22 @@ def cast_inputs_to_parameters(module: nn.Module) -> int:
 
 class DeepSpeedBackend(TrainBackend):
     name = "deepspeed"
+    needs_process_group = True
+
+    @classmethod
+    def preflight(cls, distributed, precision: str, world_size: int, *, per_rank_batch: int,
+                  per_layer_optimizer: bool) -> None:
+        from engine.runtime.backends.ds_config import resolve_ds_config
+
+        resolve_ds_config(distributed, precision, per_rank_batch=per_rank_batch, world_size=world_size,
+                          per_layer_optimizer=per_layer_optimizer)
 
     def __init__(self, module, make_optimizer, distributed, precision: Precision, dist, *, sync_bn: bool,
-                 per_rank_batch: int):
+                 per_rank_batch: int, find_unused_parameters: bool = False):
         import deepspeed
 
+        if per_rank_batch < 1:  # its config states the batch
+            raise ValueError("the deepspeed backend needs per_rank_batch")
         # Weights stay contiguous: DeepSpeed broadcasts and flattens parameters through
         # byte views, which channels_last conv weights do not allow. The inputs are still
         # channels_last, and cuDNN picks the NHWC kernels from them.
