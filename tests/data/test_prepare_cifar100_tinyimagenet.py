@@ -201,7 +201,8 @@ def test_presets_exist_and_load():
     assert load_config(CONFIGS / "tinyimagenet/blended_none.yaml").data.std == (0.2302, 0.2265, 0.2262)
 
 
-TINY_RUN = ["device=cpu", "model.width=4", "data.num_workers=1", "logging.progress=false"]
+TINY_RUN = ["device=cpu", "model.width=4", "data.num_workers=1", "logging.progress=false",
+            "logging.feature_map=false"]
 
 
 def _trained(run_dir: Path) -> dict[str, int]:

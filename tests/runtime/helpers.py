@@ -30,7 +30,9 @@ TINY = {
     "model": {"arch": "cifar_resnet18", "width": 8, "proj_hidden": 32, "proj_dim": 16},
     "pretrain": {"epochs": 2, "schedule_epochs": 10, "iterations_per_epoch": 4, "batch_size": 32},
     "distributed": {"checkpoint_every": 2, "timeout_s": 60},
-    "logging": {"progress": False, "log_every": 1},
+    # No feature sample nor t-SNE map per stage: 6 of a 15 s launcher run on 2 cores (test_pipeline
+    # and the store tests keep them).
+    "logging": {"progress": False, "log_every": 1, "feature_map": False},
 }
 STEPS = 8
 

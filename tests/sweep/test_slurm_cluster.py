@@ -125,7 +125,7 @@ def submit_grid(env, tmp_path, color_root, grid: dict, time_limit: str):
     """Write the tiny base config and a grid of ``grid``, ``dbd sweep --slurm`` it and run
     its submit.sh against the local Slurm; returns (sweep folder, submit.sh's result)."""
     base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump({**TINY, "logging": {"progress": False, "log_every": 1}}))
+    base.write_text(yaml.safe_dump({**TINY, "logging": {"progress": False, "log_every": 1, "feature_map": False}}))
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({
         "base": str(base), "overrides": {"data.root": str(color_root)}, "grid": grid,

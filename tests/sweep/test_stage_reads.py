@@ -183,7 +183,7 @@ def run_recorded(monkeypatch):
     real_preflight, real_make_stage = pipeline.preflight, pipeline.make_stage
     # The report after the stages reads only the run dir's files (no config object) and
     # its t-SNE plot is most of a tiny run's time: left out.
-    monkeypatch.setattr(engine.report.build, "build_report", lambda run_dir: "")
+    monkeypatch.setattr(engine.report.build, "build_report", lambda run_dir, columns: "")
 
     def run(cfg, stages) -> Recorder:
         recorder = Recorder()
