@@ -64,7 +64,7 @@ SPEED_ONLY: tuple[str, ...] = (
     "run_dir",  # where the run is written
     "stage_store",  # where shared stages live
     "stages",  # which stages run, not what each computes (upstream ones are in ``needs``)
-    "runtime",  # torch's intra-op threads: the count is recorded in done.json (see README)
+    "runtime",  # torch's intra-op threads: the count is recorded in done.json (see docs/launchers.md)
     "data.num_workers",  # FFCV decoding threads: order and content are seeded per sample
     "data.os_cache",  # page-cache policy of the .beton reader
     "data.trigger_device",  # loader or device: the device twins are pixel-exact (tests/attacks)

@@ -11,7 +11,7 @@ from engine.defenses import report_columns
 from engine.report.build import build_report
 
 DBD_STAGES = ["supervised", "pretrain", "linear", "finetune"]
-# The demo's figures (README), with the WaNet baseline ASR of 3.20.
+# The demo's figures (docs/demo.md), with the WaNet baseline ASR of 3.20.
 DONE = {
     "supervised": {"label": "no defense", "defense": "none", "evaluates": True, "seconds": 33.0,
                    "BA": 98.22, "ASR": 3.20, "RA": 90.1},
