@@ -17,6 +17,7 @@ import yaml
 from engine.attacks.config import AttackConfig
 from engine.settings import (DataConfig, DistributedConfig, LoggingConfig, ModelConfig, RuntimeConfig, check, from_dict,
                              load_raw, set_dotted, to_dict)
+from engine.models import BACKBONES
 from engine.rundir import CONFIG
 from engine.runtime.backends import ENGINES
 from engine.stages import STAGES, default_stages
@@ -32,6 +33,7 @@ class _ConfigBase:
         check(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         check(self.precision in ("fp32", "bf16", "fp16"), "precision", "must be fp32, bf16 or fp16")
         ENGINES.lookup(self.distributed.engine, "distributed.engine")
+        BACKBONES.lookup(self.model.arch, "model.arch")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section) and hasattr(section, "validate"):

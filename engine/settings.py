@@ -79,14 +79,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "cifar_resnet18"  # cifar_resnet18 | resnet18 | resnet50 (torchvision-style)
-    width: int = 64  # channels of the first stage; 64 is ResNet-18 proper
+    # A backbone of engine.models.BACKBONES: cifar_resnet18 | resnet18 | resnet50
+    # (torchvision) | preact_resnet18 (BackdoorBench) | wrn16_1 (ABL). engine.config checks
+    # it against the registry, which this layer cannot import.
+    arch: str = "cifar_resnet18"
+    # Each backbone's own rule (its module's docstring), 64 always the reference: the first
+    # stage's channels for the ResNets, the last group's for wrn16_1 (a multiple of 4).
+    width: int = 64
     proj_hidden: int = 512
     proj_dim: int = 128
 
     def validate(self) -> None:
-        check(self.arch in ("cifar_resnet18", "resnet18", "resnet50"), "model.arch",
-               "must be cifar_resnet18, resnet18 or resnet50")
         check(self.width >= 4, "model.width", "must be >= 4")
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine.models.heads import LinearClassifier, ProjectionHead
-from engine.models.resnet import build_backbone
+from engine.models.backbones import build_backbone
 
 
 class SimCLRModel(nn.Module):

@@ -1,10 +1,15 @@
-"""ResNets: the CIFAR variant (3x3 stride-1 stem, no max-pool) and torchvision's."""
+"""ResNets: the CIFAR variant (3x3 stride-1 stem, no max-pool) and torchvision's.
+
+Registered as model.arch cifar_resnet18 (``width``: the first stage's channels, 64 = ResNet-18
+proper), resnet18 (width must be 64) and resnet50 (``width``: torchvision's width_per_group).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from engine.errors import UserError
+from engine.models.backbones import BACKBONES, build_backbone  # noqa: F401  (build_backbone: its old home)
 
 
 # oneDNN's AVX2 kernel for the weight gradient of a 1x1, stride-2, channels_last
@@ -60,6 +65,7 @@ def reference_init(module: nn.Module) -> None:
             nn.init.constant_(m.bias, 0)
 
 
+@BACKBONES.register("cifar_resnet18")
 class CifarResNet18(nn.Module):
     """ResNet-18 for 32 px inputs; ``width`` scales every stage (64 = the standard net)."""
 
@@ -107,9 +113,11 @@ class TorchvisionBackbone(nn.Module):
         return self.net(x)
 
 
-def build_backbone(arch: str, width: int = 64) -> nn.Module:
-    if arch == "cifar_resnet18":
-        return CifarResNet18(width)
-    if arch in ("resnet18", "resnet50"):
-        return TorchvisionBackbone(arch, width)
-    raise UserError(f"unknown model.arch {arch!r}: must be cifar_resnet18, resnet18 or resnet50")
+@BACKBONES.register("resnet18")
+def torchvision_resnet18(width: int = 64) -> TorchvisionBackbone:
+    return TorchvisionBackbone("resnet18", width)
+
+
+@BACKBONES.register("resnet50")
+def torchvision_resnet50(width: int = 64) -> TorchvisionBackbone:
+    return TorchvisionBackbone("resnet50", width)
