@@ -237,6 +237,9 @@ class LoggingConfig:
     # Off a terminal (a log file, Slurm output, CI) the bar is one plain line per stage
     # every this many seconds instead of carriage-return frames.
     progress_interval_s: float = 30.0
+    # Every scalar of metrics.jsonl also as a TensorBoard event file in <run_dir>/tensorboard/,
+    # rebuilt with the report (engine/report/tensorboard.py); needs the tensorboard extra.
+    tensorboard: bool = False
     log_every: int = 10  # steps between metrics.jsonl step records
     # Backbone features of a 1,000-image sample saved by each stage (features.npz) for the
     # report's t-SNE map of where poisoned samples sit. The map costs seconds per stage on

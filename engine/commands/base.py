@@ -17,6 +17,6 @@ class Command(Registered):
     registry = COMMANDS
     name: ClassVar[str]
     help: ClassVar[str]
-    order: ClassVar[int]  # the workflow order: prepare first, bench last
+    order: ClassVar[float]  # the workflow order: prepare first, bench last
     add_arguments: ClassVar[Callable[[argparse.ArgumentParser], None]]
     main: ClassVar[Callable[[argparse.Namespace], int]]

@@ -265,4 +265,8 @@ def build_report(run_dir: str | Path, columns: list[DefenseColumn]) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     write_text(run_dir / REPORT, "\n".join(lines))
+    if (cfg.get("logging") or {}).get("tensorboard"):
+        from engine.report.tensorboard import write_events
+
+        write_events(records, run_dir)
     return table
