@@ -2,7 +2,7 @@
 
 ``dbd evaluate``: a finished stage's model.pt, scored by the command, gives the very
 BA/ASR/RA the stage recorded at its end (the same test sets, trigger and evaluator); the
-same weights saved as a wrapped plain state dict score the same; a config whose model
+same weights saved as a wrapped plain state dict load the same; a config whose model
 does not describe the checkpoint is one clear error naming the parameter.
 
 ``dbd export``: the files load in a fresh process that never imports the engine, and
@@ -53,15 +53,19 @@ def test_model_pt_scores_what_the_stage_recorded(trained):
     assert got["attack"]["name"] == "badnets" and got["model"]["width"] == 4
 
 
-def test_a_wrapped_state_dict_from_elsewhere_scores_the_same(trained):
-    tmp, cfg, done = trained
+def test_a_wrapped_state_dict_from_elsewhere_loads_the_same_weights(trained, tmp_path):
+    # In this process (the command's scoring is the test above): fit_checkpoint is what
+    # `dbd evaluate` loads any file through.
+    from engine.models import Classifier
+    from engine.stages.weights import fit_checkpoint
+
+    tmp, _, _ = trained
     state = torch.load(tmp / "run" / "supervised" / "model.pt", map_location="cpu", weights_only=True)
-    wrapped = tmp / "elsewhere.pth"
+    wrapped = tmp_path / "elsewhere.pth"
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, wrapped)
-    out = tmp / "wrapped.json"
-    r = dbd("evaluate", wrapped, cfg, "--out", out)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(out.read_text())["BA"] == pytest.approx(done["BA"], abs=1e-9)
+    model = Classifier("cifar_resnet18", 4, 10)
+    fit_checkpoint(model, wrapped, "the test's model")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_a_model_section_that_does_not_fit_is_one_clear_error(trained):
