@@ -1,5 +1,5 @@
 """The one way the engine registers named parts: stages, attacks, data sources, training
-engines and commands.
+engines, backbones and commands.
 
 Each kind has a ``Registry``. A part registers itself, by name, when its module is
 imported: a class through ``Registered`` (a subclass that sets ``name`` is added), a

@@ -10,8 +10,8 @@ subclass with a ``name`` registers itself in ``engine.stages.base.STAGES``: a ne
 defense is one new folder here, or in a folder named by ``DBD_DEFENSE_PATH``
 (engine/stages/README.md has the worked example). A folder's ``__init__.py`` may define
 ``report_columns()``: the figures the defense adds to the report and the leaderboard
-(engine/report/columns.py). The shared machinery the stages run on (the Trainer, evaluation, keys and the stage store)
-stays in ``engine.stages``.
+(engine/report/columns.py). The shared machinery the stages run on (the Trainer,
+evaluation, keys and the stage store) stays in ``engine.stages``.
 """
 from __future__ import annotations
 
