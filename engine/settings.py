@@ -133,7 +133,6 @@ def _simclr_validate(self, prefix: str) -> None:
     _check_spec(SimCLRSpec, self.spec_values(tuple(f.name for f in dataclasses.fields(self))), prefix)
 
 
-
 SimCLRViewConfig = _section("SimCLRViewConfig", _spec_fields(SimCLRSpec),
                             "``pretrain.views``: every field of ``kernels.SimCLRSpec`` but size and normalisation.",
                             validate=_simclr_validate, spec_values=_spec_values)
