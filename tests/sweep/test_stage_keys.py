@@ -29,6 +29,7 @@ EXPECTED = {
     "linear": COMMON | {"pretrain", "linear"},
     "finetune": COMMON | {"pretrain", "linear", "finetune"},
     "finetune_labelled": COMMON | {"pretrain", "linear", "finetune_labelled"},
+    "abl": COMMON | {"abl"},
 }
 
 
