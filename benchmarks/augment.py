@@ -1,20 +1,7 @@
-"""Throughput of the SimCLR view pipelines: fused kernels vs the alternatives.
-
-Every method makes two views per image of a uint8 NHWC batch (what the FFCV loader
-delivers) and is timed end to end from that batch to normalised float views on `device`,
-so per-sample pipelines pay their own conversions just as they would in a loader:
-
-- fused:          kernels.simclr_views(impl="triton"), CUDA only
-- torch_path:     kernels.simclr_views(impl="torch"), the vectorised PyTorch path
-- torchvision_v2: torchvision.transforms.v2 called once per sample (per-sample parameters)
-- kornia:         kornia.augmentation with same_on_batch=False, whole batch per call
-- pil:            torchvision.transforms on PIL images per sample, the DBD reference way
-                  (host CPU, one process: the reference spreads it over loader workers)
-
-Figures are the median over repetitions after one warm-up call; every repetition is
-kept. Each method runs its repetitions in turn (not alternated), all in one process.
-"""
-
+"""Throughput of the SimCLR view pipelines: the fused kernels, the PyTorch path,
+torchvision v2, kornia and PIL, from a uint8 NHWC batch to normalised float views
+(what each method is and how it is timed: docs/benchmarks.md). ``measure_views`` is
+also the GPU check's."""
 from __future__ import annotations
 
 import platform
@@ -29,6 +16,8 @@ from benchmarks.harness import comparison, load_average, measurement, sync, targ
 # sized to its sigma (2*ceil(3*sigma)+1 taps, 13 at sigma 2). torchvision and kornia take
 # one size per call, so they get the widest one (`_fixed_taps`): the same work bound.
 _SIZES = (("32px", 32, 32, 0), ("224px", 256, 224, 0))
+# One call per batch: warmed up at the timed batch (Triton specialises its kernels on it).
+BATCHED = ("fused", "torch_path", "kornia")
 
 
 def _fixed_taps(spec) -> int:
@@ -51,24 +40,35 @@ def time_calls(fn, warm, reps: int, device, until: float | None = None) -> list[
     return out
 
 
+def measure_views(images, spec, methods: dict, reps: int | dict[str, int], device, until: float | None = None):
+    """Two views per image of ``images`` by each of ``methods`` (name -> maker(images, spec)
+    -> call), in views/s over ``reps`` calls (one count, or one per method) after a warm-up
+    call. The per-sample methods warm up on a few images: a full batch would add minutes
+    at 224 px and teach them nothing more."""
+    out = {}
+    for name, make in methods.items():
+        fn = make(images, spec)
+        warm = fn if name in BATCHED else make(images[:4], spec)
+        times = time_calls(fn, warm, reps[name] if isinstance(reps, dict) else reps, device, until)
+        out[name] = {"reps": [2 * len(images) / t for t in times], "seconds": times, "images": len(images),
+                     "device": "cpu" if name == "pil" else str(device)}
+    return out
+
+
 def fused_views(images, spec):
     from kernels import simclr_views
-
     return lambda: simclr_views(images, spec, seed=0, impl="triton")
 
 
 def torch_path_views(images, spec):
     from kernels import simclr_views
-
     return lambda: simclr_views(images, spec, seed=0, impl="torch")
 
 
-def torchvision_v2_pipe(spec):
-    """The SimCLR view as one torchvision.transforms.v2 pipeline on a uint8 CHW image (or
-    a batch: then one set of random parameters for the whole call)."""
+def torchvision_v2_views(images, spec):
+    """torchvision.transforms.v2 called once per sample: each image gets its own parameters."""
     import torchvision.transforms.v2 as T
-
-    return T.Compose([
+    pipe = T.Compose([
         T.ToDtype(torch.float32, scale=True),
         T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, interpolation=T.InterpolationMode.BICUBIC,
                             antialias=False),
@@ -77,33 +77,12 @@ def torchvision_v2_pipe(spec):
         T.RandomGrayscale(spec.grayscale_p),
         T.RandomApply([T.GaussianBlur(_fixed_taps(spec), spec.blur_sigma)], p=spec.blur_p),
         T.Normalize(list(spec.mean), list(spec.std))])
-
-
-def torchvision_v2_views(images, spec):
-    """torchvision v2 called once per sample: each image gets its own parameters."""
-    pipe = torchvision_v2_pipe(spec)
     chw = images.permute(0, 3, 1, 2)
     return lambda: [torch.stack([pipe(chw[i]) for i in range(chw.shape[0])]) for _ in range(2)]
 
 
-def torchvision_v2_batched(images, spec):
-    """torchvision v2 called once per view for the whole batch: it draws one set of
-    parameters per call, so every image of a view gets the same crop and colours (less
-    work than the per-sample views it stands in for; the fastest torchvision can be)."""
-    pipe = torchvision_v2_pipe(spec)
-    chw = images.permute(0, 3, 1, 2)
-    return lambda: [pipe(chw) for _ in range(2)]
-
-
-def per_sample(make, images, spec, n: int):
-    """``make``'s views of the first ``n`` images, one call per image."""
-    calls = [make(images[i:i + 1], spec) for i in range(n)]
-    return lambda: [c() for c in calls]
-
-
 def kornia_views(images, spec):
     import kornia.augmentation as K
-
     pipe = torch.nn.Sequential(
         K.RandomResizedCrop((spec.size, spec.size), scale=spec.scale, ratio=spec.ratio, resample="BICUBIC",
                             align_corners=False),
@@ -113,15 +92,12 @@ def kornia_views(images, spec):
         K.RandomGaussianBlur((_fixed_taps(spec), _fixed_taps(spec)), spec.blur_sigma, p=spec.blur_p),
         K.Normalize(torch.tensor(spec.mean), torch.tensor(spec.std)),
     ).to(images.device)
-
     return lambda: [pipe(x) for x in [images.permute(0, 3, 1, 2).float().div_(255)] for _ in range(2)]
 
 
 def pil_views(images, spec):
     from PIL import Image
-
     from benchmarks.reference import simclr_transform
-
     pipe = simclr_transform(spec)  # the reference's own PIL pipeline
     # Decoded PIL images are what the reference dataset holds; building them is not timed.
     pils = [Image.fromarray(a) for a in images.cpu().numpy()]
@@ -129,48 +105,42 @@ def pil_views(images, spec):
 
 
 def _methods(device: str) -> dict:
-    methods = {}
-    if device.startswith("cuda"):
-        from kernels import triton_available
-
-        if triton_available():
-            methods["fused"] = fused_views
-    methods["torch_path"] = torch_path_views
-    methods["torchvision_v2"] = torchvision_v2_views
+    from kernels import triton_available
+    methods = {"fused": fused_views} if device.startswith("cuda") and triton_available() else {}
+    methods.update(torch_path=torch_path_views, torchvision_v2=torchvision_v2_views)
     try:
         import kornia  # noqa: F401
-
         methods["kornia"] = kornia_views
     except ImportError:
         pass
-    methods["pil"] = pil_views
-    return methods
+    return {**methods, "pil": pil_views}
 
 
 def _reps(quick: bool, method: str, label: str) -> int:
     if quick:
         return 2
-    if label == "32px":
-        return 7
     # The per-sample pipelines take tens of seconds per 224 px repetition on a small CPU.
-    return 3 if method in ("torchvision_v2", "kornia", "pil") else 5
+    return 7 if label == "32px" else 3 if method in ("torchvision_v2", "kornia", "pil") else 5
 
 
 def run(quick: bool = False, device: str = "cpu", threads: int | None = None) -> dict:
-    """Views/second of each method at 32 px and 224 px, and the engine's method against each other.
-
-    On CPU, torch runs with `threads` intra-op threads (default 1) for the duration of the
-    call: per-core figures, comparable with the single-threaded PIL pipeline that the
-    reference scales with one loader worker per core, and not at the mercy of other
-    processes competing for the cores (spinning OpenMP threads collapse under contention).
-    """
+    """Views/second of each method at 32 px and 224 px, and the engine's method against each
+    other. On CPU, torch runs with ``threads`` intra-op threads (default 1): per-core
+    figures, comparable with the single-threaded PIL pipeline the reference scales with
+    one loader worker per core, and robust to other processes competing for the cores."""
+    from kernels import SimCLRSpec
     batch = 32 if quick else 512
     load_before = load_average()
     prev_threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(threads or 1)
+    gen, results = torch.Generator().manual_seed(0), {}
     try:
-        results = _measure(quick, device, batch)
+        for label, src, size, kernel in _SIZES:
+            images = torch.randint(0, 256, (batch, src, src, 3), dtype=torch.uint8, generator=gen).to(device)
+            methods = _methods(device)
+            results[label] = measure_views(images, SimCLRSpec(size=size, blur_kernel_size=kernel), methods,
+                                           {m: _reps(quick, m, label) for m in methods}, device)
         used_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(prev_threads)
@@ -198,24 +168,3 @@ def run(quick: bool = False, device: str = "cpu", threads: int | None = None) ->
         "comparisons": comparisons, "measurements": measurements, "targets": targets,
         "not_measured": not_measured,
     }
-
-
-def _measure(quick: bool, device: str, batch: int) -> dict:
-    from kernels import SimCLRSpec
-
-    gen = torch.Generator().manual_seed(0)
-    results: dict = {}
-    for label, src, size, kernel in _SIZES:
-        spec = SimCLRSpec(size=size, blur_kernel_size=kernel)
-        images = torch.randint(0, 256, (batch, src, src, 3), dtype=torch.uint8, generator=gen).to(device)
-        results[label] = {}
-        for name, make in _methods(device).items():
-            # The PIL pipeline is host-side by nature; everything else runs on `device`.
-            # Warm-up (compilation, autotuning, first-call set-up) on a few images: a full batch
-            # would add minutes for the per-sample pipelines at 224 px and teach them nothing more.
-            fn, warm = make(images, spec), make(images[:4], spec)
-            times = time_calls(fn, warm, _reps(quick, name, label), "cpu" if name == "pil" else device)
-            views = [2 * batch / t for t in times]
-            results[label][name] = {"reps": views, "seconds": times, "device": "cpu" if name == "pil" else device}
-        del images
-    return results

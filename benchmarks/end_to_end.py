@@ -1,23 +1,6 @@
-"""The demo pipeline per stage: the engine's data path against the reference loader.
-
-Two measurements, on the embedded digits data and the demo preset
-(configs/demo/digits_badnets_dbd.yaml: BadNets 10 %, CIFAR ResNet-18 of width 16):
-
-1. ``pipeline`` (full mode): the real ``dbd run`` of the demo preset with every stage
-   cut to one epoch (finetune: its 40 iterations), wall seconds per stage from the
-   stages' own ``done.json``. Engine only: it includes what a stage really does
-   (loader compilation, evaluation after each epoch, checkpoints).
-2. ``epochs``: one epoch of each real stage (``engine.pipeline.make_stage``),
-   alternating between the engine's data path (the stage's own epoch start, loader
-   and ``prepare``: FFCV, trigger while loading, ``kernels`` views on the device) and
-   the reference's (a Dataset with a NumPy trigger and PIL transforms per sample, a
-   DataLoader with as many workers as the engine has loader threads), both feeding
-   the same stage's ``update``. The fine-tuning epoch includes its split pass
-   (per-sample loss of every training image under training augmentation) and the new
-   labelled / unlabelled parts: the engine's stage swaps its loaders' subsets; the
-   reference builds new DataLoaders, as the DBD reference code does. In full mode it
-   runs 20 of the demo's 40 MixMatch iterations (see FULL).
-"""
+"""The demo pipeline per stage: the real ``dbd run`` of the demo preset cut to one epoch
+per stage (full mode), and one epoch of each real stage fed by the engine's data path or
+the reference's, alternating (what each side includes: docs/benchmarks.md)."""
 from __future__ import annotations
 
 import tempfile
@@ -49,7 +32,6 @@ def digits_root() -> Path:
     """The demo's data set, prepared once into the benchmark cache."""
     from benchmarks.synthetic import cache_dir
     from engine.data.prepare import prepare
-
     root = cache_dir() / "digits"
     if not (root / "meta.json").is_file():
         prepare("digits", None, root, force=True, progress=False)
@@ -59,7 +41,6 @@ def digits_root() -> Path:
 def run_pipeline(root: Path, s: dict, device: str) -> dict:
     """The real demo pipeline, one epoch per stage; seconds per stage."""
     from engine.pipeline import run as run_stages
-
     with tempfile.TemporaryDirectory(prefix="dbd-e2e-") as tmp:
         cfg = stages.config(root, preset=DEMO, device=device, width=s["width"], workers=None, extra=[
             f"run_dir={Path(tmp) / 'run'}", "supervised.epochs=1", "supervised.milestones=[1]", "pretrain.epochs=1",
@@ -93,20 +74,17 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     """``threads``: torch intra-op threads of the main process (default: the engine's own
     behaviour, FFCV's loader thread count)."""
     from torch.utils.data import Subset
-
     from benchmarks.reference import (BadNetsTrigger, InMemoryPoisonDataset, reference_loader, simclr_transform,
                                       weak_transform)
     from engine.data.sources import read_source
     from engine.defenses.dbd.split import SPLIT_BATCH, compute_split
     from engine.runtime.launch import shutdown
-
     s = QUICK if quick else FULL
     t_start = time.perf_counter()
     pin_torch_threads(threads)
     device = (device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
     root = digits_root()
     pipeline = run_pipeline(root, s, device) if s["pipeline"] else None
-
     tmp = tempfile.TemporaryDirectory(prefix="dbd-e2e-")
     cfg = stages.config(root, preset=DEMO, device=device, width=s["width"], workers=None, extra=[
         f"finetune.iterations_per_epoch={s['compare_finetune_iterations']}", *s["overrides"]])
@@ -141,7 +119,6 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
         us = _endless(reference_loader(Subset(ref_dataset(weak, f.k_views), unlabelled.tolist()), B, workers))
         for (xb, x_lab, _), u in zip(xs, us):
             yield xb.to(dev), [v.to(dev) for v in u[:f.k_views]], x_lab.to(dev)
-
     comparisons, settings_per_stage = {}, {}
     for name in ("supervised", "pretrain", "linear", "finetune"):
         stage = stages.build(cfg, name, tmp.name, dist, data)
@@ -164,7 +141,6 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
             batches.close()
             sync(dev)
             return steps * stage.images_per_step
-
         finetune = name == "finetune"
         comparisons[f"{name}/epoch"] = _compare(
             engine_epoch, reference_epoch, s["reps"], s["finetune_warmup" if finetune else "warmup"], steps,
@@ -174,7 +150,6 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
         settings_per_stage[name] = {"batch": B, "steps": steps, **({"split_batch": SPLIT_BATCH} if finetune else {})}
     shutdown()
     tmp.cleanup()
-
     # The whole DBD defense (pretrain + linear + finetune), epoch for epoch.
     dbd = ("pretrain", "linear", "finetune")
     e_total = sum(comparisons[f"{st}/epoch"]["engine_seconds"] for st in dbd)

@@ -1,15 +1,6 @@
-"""FLOPs per image of the engine's backbones, counted on the real models.
-
-``torch.utils.flop_counter.FlopCounterMode`` counts the matrix products and
-convolutions (the FLOPs that decide a GPU's speed; BatchNorm, ReLU and pooling are
-left out, as in the usual published figures). One multiply-add counts as 2 FLOPs.
-Forward and forward+backward are counted separately; the backward of the first
-convolution's input gradient is not needed and not counted, as in real training.
-
-With these, a measured images/second on a GPU becomes a share of the device's peak:
-``images/s x FLOPs/image / peak FLOP/s``. Peak figures are not in this file: they
-depend on the card and the precision, and are stated where the GPU results are.
-"""
+"""FLOPs per image of the engine's backbones, counted on the real models by
+``torch.utils.flop_counter`` (matrix products and convolutions; 2 FLOPs per multiply-add;
+the convention and how to use it: docs/benchmarks.md)."""
 from __future__ import annotations
 
 import torch
@@ -24,13 +15,10 @@ MODELS = (("cifar_resnet18@32", "cifar_resnet18", 32), ("resnet18@224", "resnet1
 
 def count(arch: str, size: int, batch: int = 2, head: str = "backbone", width: int = 64) -> dict:
     """FLOPs per image for ``arch`` at ``size`` px (counted on ``batch`` images, divided).
-
     ``head``: ``backbone`` alone, or ``simclr`` (backbone + the SimCLR projection head).
     """
     from torch.utils.flop_counter import FlopCounterMode
-
     from engine.models import SimCLRModel, build_backbone
-
     # On the meta device: shapes only, so the count is exact and takes no compute.
     with torch.device("meta"):
         model = SimCLRModel(arch, width) if head == "simclr" else build_backbone(arch, width)

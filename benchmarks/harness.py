@@ -1,13 +1,6 @@
 """What every benchmark shares: repetition, alternation, statistics, the environment,
-child processes and multi-process jobs on a free port, and the JSON + PNG output.
-
-Rules it enforces: warm-up before timing (numba and torch compile, caches fill),
-several repetitions with every one kept, medians with their spread, and comparisons
-measured in one run with the two sides alternating (ABBA order), so a machine that
-slows down or speeds up during the run affects both sides alike.
-
-``python -m benchmarks.harness JOB`` is one child (or rank) started by ``run_child``.
-"""
+child processes and multi-process jobs, and the JSON + PNG output. Its rules (warm-up,
+every repetition kept, ABBA alternation): docs/benchmarks.md."""
 from __future__ import annotations
 
 import datetime
@@ -31,8 +24,6 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 
-# --------------------------------------------------------------------------- timing
-
 
 def summarize(values: list[float]) -> dict:
     """Median and spread (quartiles, min, max) of repetitions, every repetition kept."""
@@ -47,35 +38,23 @@ def rate(fn: Callable[[], int]) -> float:
     """Items per second of one call of ``fn`` (which returns how many items it handled)."""
     t0 = time.perf_counter()
     n = fn()
-    dt = time.perf_counter() - t0
     if n <= 0:
         raise RuntimeError("a timed repetition handled no items")
-    return n / max(dt, 1e-9)
+    return n / max(time.perf_counter() - t0, 1e-9)
 
 
-def alternate(sides: dict[str, Callable[[int], float]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run each side's ``fn(rep) -> rate`` ``warmup`` times untimed (rep -1, -2, ...), then
-    ``reps`` timed rounds; the order within a round reverses every round (A B, B A, ...)."""
-    names = list(sides)
+def alternate(sides: dict[str, Callable[[int], float]], reps: int, warmup: int = 1,
+              seed: int | None = None) -> dict[str, list[float]]:
+    """Each side's ``fn(rep) -> rate`` ``warmup`` times untimed (rep -1, -2, ...), then ``reps``
+    timed rounds; the order within a round reverses every round (A B, B A, ...), or with
+    ``seed`` (for more than two sides) is drawn afresh, seeded, every round."""
+    names, order = list(sides), random.Random(seed)
     for w in range(warmup):
         for name in names:
             sides[name](-1 - w)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            out[name].append(float(sides[name](r)))
-    return out
-
-
-def shuffled(sides: dict[str, Callable[[int], float]], reps: int, warmup: int = 1, seed: int = 0) -> dict:
-    """``alternate`` for more than two sides: ``warmup`` untimed rounds, then ``reps``
-    rounds, each in a fresh (seeded) random order."""
-    for w in range(warmup):
-        for fn in sides.values():
-            fn(-1 - w)
-    order, out = random.Random(seed), {n: [] for n in sides}
-    for r in range(reps):
-        for name in order.sample(list(sides), len(sides)):
+        for name in (order.sample(names, len(names)) if seed is not None else names if r % 2 == 0 else names[::-1]):
             out[name].append(float(sides[name](r)))
     return out
 
@@ -100,31 +79,24 @@ def target(name: str, value: float, op: str, bound: float, note: str = "") -> di
 
 def sync(device) -> None:
     import torch
-
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def pin_torch_threads(n: int | None) -> int:
-    """Hold torch's intra-op thread count at ``n`` for the rest of the process.
-
-    FFCV sets torch's thread count to its loader thread count whenever a loader is built
-    or an epoch starts, and DeepSpeed's CPU accelerator sets it to 1 at start-up, so an
-    explicit choice must survive both: FFCV's hook is narrowed to numba's threads by the
-    engine's own patch (engine.runtime.threads.neutralise_ffcv, which every engine loader
-    applies). ``None`` keeps the engine's behaviour. Returns the count in effect."""
+    """Hold torch's intra-op thread count at ``n`` (None: the engine's behaviour); returns
+    the count in effect. FFCV resets it whenever a loader is built or an epoch starts, and
+    DeepSpeed's CPU accelerator at start-up: the engine's patch narrows FFCV's hook."""
     import torch
-
     if n is None:
         return torch.get_num_threads()
     from engine.runtime.threads import neutralise_ffcv
-
     neutralise_ffcv()
     torch.set_num_threads(n)
     return n
 
 
-# --------------------------------------------------------------------------- multi-process jobs
+# --------------------------------------------------------------------------- child processes
 
 
 def free_port() -> int:
@@ -136,11 +108,9 @@ def free_port() -> int:
 def run_child(target_fn: str, kwargs: dict, *, timeout: float, world: int = 0, threads: int = 0,
               env: dict[str, str] | None = None):
     """``module:function(**kwargs)`` in a fresh interpreter; its (rank 0's) return value.
-
-    ``world`` > 0 starts that many ranks on this machine, which find each other through
-    the env:// variables the engine reads. Each child runs in its own session, so a
-    timeout stops it and whatever it started (DataLoader workers, ranks). ``env``: extra
-    variables for the child alone (e.g. TRITON_INTERPRET, which Triton reads at import)."""
+    ``world`` > 0 starts that many ranks, which find each other through the env://
+    variables the engine reads. Each child runs in its own session, so a timeout stops it
+    and whatever it started. ``env``: extra variables for the child alone."""
     with tempfile.TemporaryDirectory(prefix="dbd-bench-child-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({"target": target_fn, "kwargs": kwargs, "out": str(out)}))
@@ -152,9 +122,9 @@ def run_child(target_fn: str, kwargs: dict, *, timeout: float, world: int = 0, t
             base.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
             base.pop("TORCHELASTIC_RUN_ID", None)
         envs = [{**base, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(world)] if world else [base]
-        procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.harness", str(job)], cwd=REPO, env=env,
+        procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.harness", str(job)], cwd=REPO, env=e,
                                   start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for env in envs]
+                 for e in envs]
         relays = [threading.Thread(target=_relay, args=(src, dst), daemon=True)
                   for p in procs for src, dst in ((p.stdout, sys.stdout), (p.stderr, sys.stderr))]
         for t in relays:
@@ -205,37 +175,21 @@ def _child_main(job_path: str) -> int:
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
         from engine.fsutil import write_json
-
         write_json(job["out"], jsonable(result))
     return 0
 
 
-# --------------------------------------------------------------------------- environment
-
-
-def _version(dist: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(dist)
-    except Exception:  # not installed, or installed without metadata
-        return None
+# --------------------------------------------------------------------------- environment and output
 
 
 def git_commit() -> str:
     """The checkout's commit (``+dirty`` with uncommitted changes); ``unknown`` outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10)  # noqa: E731
-        head = run("rev-parse", "HEAD")
-        if head.returncode == 0 and head.stdout.strip():
-            dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
-            return head.stdout.strip() + ("+dirty" if dirty else "")
+        head = git("rev-parse", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "") if head else "unknown"
     except (OSError, subprocess.SubprocessError):
-        pass
-    try:  # no git binary: read the ref by hand
-        ref = (REPO / ".git" / "HEAD").read_text().strip()
-        return (REPO / ".git" / ref[5:]).read_text().strip() if ref.startswith("ref: ") else ref
-    except OSError:
         return "unknown"
 
 
@@ -247,12 +201,15 @@ def load_average() -> list[float] | None:
 
 
 def environment() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
     import numpy
     import torch
-
     cuda = torch.cuda.is_available()
-    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
-                if line.lower().startswith("model name")), platform.processor() or platform.machine())
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.lower().startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": platform.node(), "platform": platform.platform(), "arch": platform.machine(), "cpu_model": cpu,
            "cpu_count": os.cpu_count(),
@@ -261,18 +218,11 @@ def environment() -> dict:
            "cuda": torch.version.cuda if cuda else None, "gpu_count": torch.cuda.device_count() if cuda else 0,
            "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
     for dist in ("torchvision", "ffcv", "numba", "kornia", "deepspeed", "pillow"):
-        env[dist] = _version(dist)
+        try:
+            env[dist] = version(dist)
+        except PackageNotFoundError:
+            env[dist] = None
     return {**env, "commit": git_commit()}
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
-
-
-# --------------------------------------------------------------------------- output
 
 
 def jsonable(obj):
@@ -284,18 +234,15 @@ def jsonable(obj):
         return None
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
-    if hasattr(obj, "item"):
-        try:
-            return obj.item()
-        except (ValueError, TypeError):
-            pass
-    return str(obj)
+    try:
+        return obj.item()  # numpy and torch scalars
+    except (AttributeError, ValueError, TypeError):
+        return str(obj)
 
 
 def write_outputs(record: dict, out_dir: Path) -> tuple[Path, Path | None]:
     """``<name>.json`` and, where there is something to plot, ``<name>.png``."""
     from engine.fsutil import write_json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     path, png = out_dir / f"{record['benchmark']}.json", out_dir / f"{record['benchmark']}.png"
     write_json(path, record)
@@ -308,37 +255,29 @@ def write_outputs(record: dict, out_dir: Path) -> tuple[Path, Path | None]:
 
 
 def chart(record: dict, path: Path) -> None:
-    """Bars of medians with quartile whiskers: engine vs reference per comparison (log
-    scale), or one bar per measurement for a benchmark without comparisons."""
+    """Bars of medians with quartile whiskers, one panel per unit: engine and reference per
+    comparison (log scale), or one bar per measurement for a benchmark without comparisons."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     comps = record.get("comparisons") or {}
-    if comps:
-        bars = {k: [(c["engine"], c.get("engine_stats", {})), (c["reference"], c.get("reference_stats", {}))]
-                for k, c in comps.items()}
-        units = {k: c["unit"] for k, c in comps.items()}
-    else:
-        meas = {k: m for k, m in (record.get("measurements") or {}).items()
-                if isinstance(m.get("median"), (int, float))}
-        if not meas:
-            raise ValueError("nothing to plot")
-        bars = {k: [(m["median"], m)] for k, m in meas.items()}
-        units = {k: m.get("unit", "") for k, m in meas.items()}
-    groups = sorted(set(units.values()))
-    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 1.0 + 0.5 * len(bars) + 0.8 * len(groups)), squeeze=False)
-    for ax, unit in zip(axes[:, 0], groups):
-        keys = [k for k in bars if units[k] == unit]
-        sides = (("engine", "tab:blue"), ("reference", "tab:gray")) if comps else (("", "tab:blue"),)
+    sides = ("engine", "reference") if comps else ("median",)
+    # figure -> (unit, [(median, stats) per side])
+    bars = ({k: (c["unit"], [(c[s], c.get(f"{s}_stats", {})) for s in sides]) for k, c in comps.items()} or
+            {k: (m.get("unit", ""), [(m["median"], m)]) for k, m in (record.get("measurements") or {}).items()
+             if isinstance(m.get("median"), (int, float))})
+    if not bars:
+        raise ValueError("nothing to plot")
+    units = sorted({u for u, _ in bars.values()})
+    fig, axes = plt.subplots(len(units), 1, figsize=(10, 1.0 + 0.5 * len(bars) + 0.8 * len(units)), squeeze=False)
+    for ax, unit in zip(axes[:, 0], units):
+        keys = [k for k, (u, _) in bars.items() if u == unit]
         height = 0.8 / len(sides)
-        for j, (label, color) in enumerate(sides):
-            vals = [bars[k][j][0] for k in keys]
-            err = [[max(0.0, v - bars[k][j][1].get("q1", v)) for v, k in zip(vals, keys)],
-                   [max(0.0, bars[k][j][1].get("q3", v) - v) for v, k in zip(vals, keys)]]
-            ys = [i + (j - (len(sides) - 1) / 2) * height for i in range(len(keys))]
-            ax.barh(ys, vals, height=height, xerr=err, color=color, label=label or None)
+        for j, (side, color) in enumerate(zip(sides, ("tab:blue", "tab:gray"))):
+            vals = [bars[k][1][j] for k in keys]
+            err = [[max(0.0, v - st.get("q1", v)) for v, st in vals], [max(0.0, st.get("q3", v) - v) for v, st in vals]]
+            ax.barh([i + (j - (len(sides) - 1) / 2) * height for i in range(len(keys))], [v for v, _ in vals],
+                    height=height, xerr=err, color=color, label=side)
         ax.set_yticks(range(len(keys)))
         ax.set_yticklabels([f"{k}  ({comps[k]['ratio']:.2g}x)" if comps else k for k in keys], fontsize=8)
         ax.set_xlabel(f"{unit} (median, quartile whiskers{'; log scale' if comps else ''})")

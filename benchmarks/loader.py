@@ -1,30 +1,6 @@
-"""Images/second delivered to the training loop: the engine's loader against the reference's,
-and what on-the-fly poisoning costs the loader.
-
-"Delivered" means normalised float views ready for the model. The engine: its FFCV
-loader (raw uint8 images, trigger applied while loading) and then ``kernels`` cutting
-the views on the device (the CPU here, through the PyTorch path). The reference: a
-PyTorch Dataset that triggers and augments each sample with PIL, batched by a
-DataLoader with as many worker processes as the engine has loader threads
-(benchmarks/reference). Both read the same images and poison the same samples
-(BadNets, 10 % of the training set). Each side alternates with the other after a
-warm-up epoch:
-
-- views: SimCLR's two views and the weak view, CIFAR-size raw and ImageNet-size JPEG,
-  poisoned (engine vs reference);
-- trigger overhead: the loader alone (uint8 images, no views) with and without
-  poisoning, for each side and size;
-- ImageNet-size: the engine loader against JPEG decoding alone (the same bytes, the
-  same decoder and thread count, nothing else), and a count of how often each sample
-  is delivered per epoch (once: one decode serves both views);
-- per attack (``trigger_by_attack``): the engine loader on one raw ``.beton`` with each
-  attack's operations (BadNets, Blended, WaNet with noise mode: 10 % warped + 20 %
-  noise-warped) against the clean loader, no augmentation; full epochs per
-  repetition, the sides in a fresh (seeded) random order every repetition. On the JPEG
-  set also each attack with ``data.trigger_device=device``: the CPU loader then keeps
-  only the label changes, and the device twin's own time per triggered image is
-  recorded (on this CPU here; on a GPU by ``benchmarks gpu``).
-"""
+"""Images/second delivered to the training loop: the engine's loader + device views
+against the reference's DataLoader, the loader against JPEG decoding alone, and what
+on-the-fly poisoning costs the loader per attack (what each figure is: docs/benchmarks.md)."""
 from __future__ import annotations
 
 import os
@@ -34,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.harness import alternate, comparison, measurement, pin_torch_threads, rate, shuffled, sync, target
+from benchmarks.harness import alternate, comparison, measurement, pin_torch_threads, rate, sync, target
 
 FULL = dict(cifar_n=5120, simclr_batch=512, weak_batch=128, jpeg_n=128, jpeg_batch=32, reps=3, loader_reps=5,
             jpeg_reps=3, loader_epochs=20, reference_loader_epochs=2, jpeg_loader_epochs=4, jpeg_poison=True,
@@ -51,7 +27,6 @@ ATTACKS = ("badnets", "blended", "wanet")
 def engine_loader(bench, batch: int, workers: int, decode_size: int, poison=None, drop_last: bool = True, **spec):
     """The engine's training loader over ``bench`` (a BenchSet or a prepared folder)."""
     from engine.data.loaders import LoaderSpec, make_loader
-
     root = bench if isinstance(bench, (str, os.PathLike)) else bench.root  # a Path has a .root ("/") too
     return make_loader(LoaderSpec(root=str(root), split="train", batch_size=batch,
                                   shuffle=True, drop_last=drop_last, num_workers=workers, decode_size=decode_size,
@@ -77,7 +52,6 @@ def _view_fns(image_size: int, imagenet: bool):
     from engine.config import load_config
     from engine.stages.views import WeakAugment, simclr_spec
     from kernels import SimCLRSpec, simclr_views, weak_view
-
     over = [f"data.image_size={image_size}"]
     if imagenet:
         over += ["data.decode_size=256", "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]",
@@ -92,7 +66,6 @@ def _view_fns(image_size: int, imagenet: bool):
         if isinstance(w_spec, SimCLRSpec):  # ImageNet's resized crop + flip, colour ops off
             return simclr_views(images, w_spec, n_views=1, seed=0, epoch=epoch, step=step)[0][0]
         return weak_view(images, w_spec, seed=0, epoch=epoch, step=step)[0]
-
     return (simclr, s_spec), (weak, w_spec)
 
 
@@ -102,10 +75,8 @@ def _decode_only(bench, workers: int):
     import numba
     from ffcv.libffcv import imdecode
     from numba import njit, prange
-
     from engine.data.gpu_decode import JpegBeton
     from engine.data.loaders import beton_path
-
     # Where each sample's JPEG bytes lie: the same reading the GPU-decode loader uses.
     beton = JpegBeton(beton_path(bench.root, "train"))
     ptrs, sizes = beton.ptrs.astype(np.uint64), beton.sizes.astype(np.uint64)
@@ -127,7 +98,6 @@ def _decode_only(bench, workers: int):
         for s in range(0, len(idx_all) - batch + 1, batch):
             decode_batch(data, ptrs, sizes, heights, widths, idx_all[s:s + batch], out)
         return len(idx_all) // batch * batch
-
     return epoch
 
 
@@ -135,7 +105,6 @@ def _reference(bench, runtime, transform, views: int, batch: int, workers: int):
     """The reference DataLoader over ``bench``, poisoned as ``runtime`` (None: clean)."""
     from benchmarks.reference import BadNetsTrigger, InMemoryPoisonDataset, JPEGPoisonDataset, reference_loader
     from benchmarks.reference.pipeline import IMAGENET_CROP
-
     poisoned = None if runtime is None else np.asarray(runtime.plan.poisoned, dtype=bool)
     tgt = 0 if runtime is None else runtime.target
     if bench.jpeg_paths:
@@ -151,7 +120,6 @@ def _views_vs_reference(bench, runtime, loader, view: str, fn_spec, batch: int, 
                         warmup: int, dev, **extra) -> dict:
     """The engine loader + device views against the reference DataLoader, alternating."""
     from benchmarks.reference import simclr_transform, weak_transform
-
     (fn, spec), n_views = fn_spec, 2 if view == "simclr" else 1
     ref = _reference(bench, runtime, (simclr_transform if view == "simclr" else weak_transform)(spec), n_views,
                      batch, workers)
@@ -193,7 +161,6 @@ def _loader_vs_decode(bench, s: dict, workers: int, tag: str, prefix: str, epoch
     alternating; records both and the loader's cost over decoding's. Returns the rates
     and that cost (loader seconds per image over decode seconds per image)."""
     from benchmarks.synthetic import poison_runtime
-
     rt = poison_runtime(bench, image_size=224, decode_size=256, ratio=POISON_RATIO,
                         num_workers=workers)[0] if s["jpeg_poison"] else None
     eng = engine_loader(bench, s["jpeg_batch"], workers, 256, rt.train_ops() if rt else None)
@@ -215,11 +182,9 @@ def trigger_by_attack(s: dict, workers: int, jpeg: bool = False) -> dict:
     (256 px decode geometry), where the trigger is drawn on the decoded 256 px frame."""
     from benchmarks.synthetic import cifar_like, imagenet_like, poison_runtime
     from engine.data.device_trigger import LabelOnlyOps
-
     p = "jpeg_attack" if jpeg else "attack"
     bench, reps, epochs = (imagenet_like if jpeg else cifar_like)(s[f"{p}_n"]), s[f"{p}_reps"], s[f"{p}_epochs"]
     batch, image_size, decode_size = (s["jpeg_batch"], 224, 256) if jpeg else (s["attack_batch"], 32, 32)
-
     threads = max(1, min(workers, 8))
     loaders = {"clean": engine_loader(bench, batch, threads, decode_size, None, drop_last=False)}
     twin_us: dict[str, float] = {}
@@ -234,7 +199,7 @@ def trigger_by_attack(s: dict, workers: int, jpeg: bool = False) -> dict:
                                                        LabelOnlyOps(runtime.train_ops()), drop_last=False)
             twin_us[name] = _twin_us_per_triggered_image(runtime, decode_size)
     # A warm-up epoch each (compilation, first touch of the file, trigger memos).
-    rates = shuffled({k: _epochs(lambda e, x=x: engine_epoch(x, e), epochs) for k, x in loaders.items()}, reps)
+    rates = alternate({k: _epochs(lambda e, x=x: engine_epoch(x, e), epochs) for k, x in loaders.items()}, reps, seed=0)
     med = {k: statistics.median(v) for k, v in rates.items()}
     # Each repetition times the sides back to back, so a ratio within a repetition shares
     # that moment's machine load: its median is the steadier estimate on a shared machine.
@@ -256,7 +221,6 @@ def _twin_us_per_triggered_image(runtime, decode_size: int, batch: int = 32) -> 
     what data.trigger_device=device costs where the device is the CPU. On a GPU the
     prepared check (benchmarks/gpu/) times the same twins."""
     from engine.attacks.device import DevicePoison
-
     poison = DevicePoison.of(runtime, "train")
     selected = np.flatnonzero(poison.selected)[:batch]
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (len(selected), decode_size, decode_size, 3),
@@ -273,7 +237,6 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
     1 in quick mode). ``threads``: torch intra-op threads of the engine's views (default:
     what the engine does, FFCV's setting = ``workers``)."""
     from benchmarks.synthetic import cifar_like, imagenet_like, poison_runtime
-
     s = QUICK if quick else FULL
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Quick: one loader thread and one DataLoader worker, robust on a busy machine.
@@ -281,7 +244,6 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
     pin_torch_threads(threads)
     comparisons, measurements, notes = {}, {}, []
     t_start = time.perf_counter()
-
     # ------------------------------------------------------------ CIFAR-size, raw
     cifar = cifar_like(s["cifar_n"])
     runtime, _ = poison_runtime(cifar, image_size=32, decode_size=0, ratio=POISON_RATIO, num_workers=workers)
@@ -292,14 +254,12 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
     for i, view, batch in ((0, "simclr", s["simclr_batch"]), (1, "weak", s["weak_batch"])):
         comparisons[f"cifar32/{view}/poisoned"] = _views_vs_reference(
             cifar, runtime, eng[batch], view, fns[i], batch, workers, s["reps"], s["warmup"], dev, images=s["cifar_n"])
-
     # Trigger overhead, loader alone: many epochs per repetition since the engine's raw
     # loader runs at hundreds of thousands of images per second.
     overhead, comparisons["cifar32/loader_only/poisoned"] = _overhead(
         cifar, runtime, eng[s["weak_batch"]], s["weak_batch"], workers,
         (s["loader_epochs"], s["reference_loader_epochs"]), s, "cifar32", measurements, s["loader_reps"])
     del eng
-
     # ------------------------------------------------------------ ImageNet-size, JPEG
     jpeg = imagenet_like(s["jpeg_n"])
     runtime_j, _ = poison_runtime(jpeg, image_size=224, decode_size=256, ratio=POISON_RATIO, num_workers=workers)
@@ -312,7 +272,6 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
         comparisons[f"imagenet224/{view}/{tag}"] = _views_vs_reference(
             jpeg, rt_j, eng_j, view, fn_spec, s["jpeg_batch"], workers, s["jpeg_reps"], s["warmup"], dev,
             images=s["jpeg_n"])
-
     # The engine loader (decode + trigger + crop/resize + batching) against decoding alone,
     # on a larger set of the same photos: repetitions of about 0.4 s each (on 128 images
     # they took 0.07 s, and single repetitions spread from 1.06x to 1.92x).
@@ -325,7 +284,6 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
                              stored_at_decode_size=lambda e: engine_epoch(eng_j, e))
     comparisons["imagenet224/loader_only/stored_at_decode_size_vs_source_resolution"] = comparison(
         "images/s", r["stored_at_decode_size"], r["loader"])
-
     # Each sample is delivered once per epoch (so decoded once), both views come from it.
     eng_j.next_epoch = 99
     seen = np.concatenate([idx.numpy().copy() for _, _, idx in eng_j])
@@ -333,7 +291,6 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
     measurements["imagenet224/deliveries_per_sample"] = {
         "unit": "deliveries/sample/epoch", "median": per_sample, "reps": [per_sample], "delivered": int(len(seen)),
         "unique": int(len(np.unique(seen)))}
-
     if s["jpeg_poison"]:
         o, comparisons["imagenet224/loader_only/poisoned"] = _overhead(
             jpeg, runtime_j, eng_j, s["jpeg_batch"], workers, (s["jpeg_loader_epochs"], 1), s, "imagenet224",
@@ -342,7 +299,6 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
     else:
         notes.append("quick mode: ImageNet-size figures are unpoisoned, and its trigger overhead is measured in "
                      "full mode only")
-
     # ------------------------------------------------------------ per attack
     by_attack = trigger_by_attack(s, workers)
     for name, reps_a in by_attack["results"].items():
@@ -358,7 +314,6 @@ def run(quick: bool = False, device: str | None = None, workers: int | None = No
             overhead[f"engine_jpeg_{name}"] = 1.0 / ratio - 1.0
         for name, ratio in by_attack_jpeg["trigger_device"]["paired_loader_ratio_per_attack"].items():
             overhead[f"engine_jpeg_{name}@device"] = 1.0 / ratio - 1.0
-
     head = comparisons["cifar32/simclr/poisoned"]
     targets = [
         target("loader, CIFAR-size, SimCLR two views, CPU: engine / reference", head["ratio"], ">=", 20.0,

@@ -1,27 +1,7 @@
-"""A scale table, measured: per-core figures on a synthetic ImageFolder tree, and from
-them the ``.beton`` size, the prepare time and the cores per GPU for ImageNet-1k and
-ImageNet-100 (``python -m benchmarks scale``; runs only when named).
-
-Phases:
-
-1. a synthetic ImageFolder tree (``train/class0..9/*.jpg`` and a small ``val/``) of photo
-   crops of about 400x350 (``benchmarks.synthetic.photo_crop``) at JPEG quality 90,
-   written by a process pool over the cores under a time budget, cached by target count
-   (``benchmarks.synthetic.synthetic_tree``);
-2. ``engine.data.prepare.prepare("imagefolder", ...)`` timed at ``decode_size=256`` (the
-   default route) and at ``decode_size=0`` (source resolution, on a subset of the tree);
-3. the engine's clean training loader over the 256 px store, ``os_cache`` on and off, with
-   1 loader thread and with all cores; before each ``os_cache=False`` epoch the page cache
-   is dropped where the kernel allows it (recorded);
-4. peak RSS of this process and of its reaped children (the prepare's writer processes);
-5. the loader with each attack's operations (BadNets, Blended, WaNet, 10 % poisoned, as
-   ``benchmarks.loader.trigger_by_attack`` builds them) against the clean loader;
-6. the derived table, computed here from the measured per-core figures, each entry with
-   its derivation (``derived``; ``table_markdown``; ``scale.md`` next to ``scale.json``).
-
-``DBD_BENCH_SCALE_N`` sets the target number of training images (full mode, default
-20,000); ``DBD_BENCH_SCALE_WRITE_S`` the tree's writing budget in seconds (default 180).
-"""
+"""A scale table, measured: per-core prepare and loader figures on a synthetic ImageFolder
+tree, and from them the ``.beton`` size, the prepare time and the cores per GPU for
+ImageNet-1k and ImageNet-100 (runs only when named). Its phases and the environment
+variables that size it: docs/benchmarks.md."""
 from __future__ import annotations
 
 import math
@@ -34,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import alternate, measurement, pin_torch_threads, rate, shuffled
+from benchmarks.harness import alternate, measurement, pin_torch_threads, rate
 from benchmarks.loader import engine_epoch, engine_loader
 from benchmarks.synthetic import subset_tree, synthetic_tree
 
@@ -66,7 +46,6 @@ GPU_RATE_SOURCE = ("FFCV's published per-A100 ImageNet training rates (ffcv.io; 
 
 def _prepare_timed(tree: Path, out: Path, decode_size: int, cores: int) -> dict:
     from engine.data.prepare import WriterSettings, prepare
-
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     meta = prepare("imagefolder", str(tree), out, writer=WriterSettings(decode_size=decode_size, num_workers=cores),
@@ -90,7 +69,6 @@ def _payload_bytes(path: Path) -> int:
     writer's last page: up to a page per writer process) is a constant, which dominates a
     small file: the file size over the image count would overstate a large set's size."""
     from engine.data.beton import open_beton
-
     reader = open_beton(path)
     return int(reader.alloc_table["size"].sum()) + int(reader.metadata.nbytes) + int(reader.alloc_table.nbytes)
 
@@ -106,7 +84,7 @@ def drop_page_cache() -> bool:
         return False
 
 
-def _loader(root: Path, batch: int, threads: int, os_cache: bool, poison=None, indices=None):
+def _loader(root: Path, batch: int, threads: int, os_cache: bool = True, poison=None, indices=None):
     return engine_loader(root, batch, threads, 256, poison, drop_last=False, os_cache=os_cache, indices=indices)
 
 
@@ -123,7 +101,6 @@ def _loader_rates(root: Path, s: dict, cores: int) -> tuple[dict, dict]:
                 drops.append(drop_page_cache())
             return rate(lambda: engine_epoch(loader, r))
         return one
-
     for os_cache in (True, False):
         r = alternate({t: epoch(_loader(root, s["batch"], t, os_cache), os_cache) for t in sorted({1, cores})},
                       s["loader_reps"], s["warmup"])
@@ -137,7 +114,6 @@ def _attack_rates(root: Path, s: dict, cores: int) -> dict:
     order every repetition (as ``benchmarks.loader.trigger_by_attack``)."""
     from benchmarks.synthetic import BenchSet, poison_runtime
     from engine.data.prepare import load_meta
-
     meta = load_meta(root)
     bench = BenchSet(root=root, meta=meta, labels=np.zeros(meta["splits"]["train"]["count"], np.int64), images=None,
                      jpeg_paths=None)
@@ -147,8 +123,8 @@ def _attack_rates(root: Path, s: dict, cores: int) -> dict:
         runtime, _ = poison_runtime(bench, attack=name, image_size=224, decode_size=256, ratio=POISON_RATIO,
                                     num_workers=cores)
         loaders[name] = _loader(root, s["batch"], cores, True, poison=runtime.train_ops(), indices=idx)
-    rates = shuffled({k: lambda r, x=x: rate(lambda: engine_epoch(x, r)) for k, x in loaders.items()},
-                     s["attack_reps"])
+    rates = alternate({k: lambda r, x=x: rate(lambda: engine_epoch(x, r)) for k, x in loaders.items()},
+                      s["attack_reps"], seed=0)
     return {"images": len(idx), "threads": cores, "rates": rates}
 
 
@@ -245,7 +221,6 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     the results folder, where ``scale.md`` (the table) is written next to ``scale.json``."""
     from benchmarks.synthetic import cache_dir
     from engine.runtime.threads import usable_cores
-
     s = dict(QUICK if quick else FULL)
     if not quick:
         s["n"] = int(os.environ.get("DBD_BENCH_SCALE_N", s["n"]))
@@ -254,7 +229,6 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     torch_threads = pin_torch_threads(threads)
     t_start = time.perf_counter()
     measurements, notes = {}, []
-
     # 1. the tree
     tree = synthetic_tree(s["n"], s["val_n"], s["write_budget_s"], cores)
     tree_root = Path(tree["root"])
@@ -265,7 +239,6 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     if tree["budget_cut"]:
         notes.append(f"the tree's writing budget ({tree['budget_s']:.0f} s) stopped it at {tree['train_images']:,} "
                      f"of {tree['target_images']:,} images")
-
     # 2. prepare: the 256 px route on the whole tree, source resolution on a subset
     work = cache_dir() / f"scale-work-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
@@ -284,7 +257,6 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
                 "bytes", [p["bytes_per_image"]], train_beton_bytes=p["train_beton_bytes"],
                 file_bytes_per_image=p["file_bytes_per_image"], payload_bytes=p["payload_bytes"])
         rss_after_prepare = peak_rss()
-
         # 3. the clean loader, os_cache on/off x 1 thread / all cores
         store = work / "d256"
         loader_reps, drops = _loader_rates(store, s, cores)
@@ -299,7 +271,6 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
             allc = statistics.median(loader_reps[f"os_cache_{oc}/threads{cores}"])
             scaling[f"os_cache_{oc}"] = {"threads1_images_per_s": one, "all_cores_images_per_s": allc,
                                          "cores": cores, "speedup": allc / one, "efficiency": allc / one / cores}
-
         # 5. per attack
         att = _attack_rates(store, s, cores)
         for name, reps in att["rates"].items():
@@ -309,12 +280,10 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
                 "images/s/core", [x / cores for x in reps], threads=cores)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
     # 4. peak RSS
     rss = peak_rss()
     measurements["rss/peak_self_mb"] = measurement("MB", [rss["self_mb"]])
     measurements["rss/peak_largest_child_mb"] = measurement("MB", [rss["largest_child_mb"]])
-
     # 6. the derived table
     attack_per_core = {a: measurements[f"attack/{a}/images_per_s_per_core"]["median"] for a in ATTACKS}
     slowest = min(attack_per_core, key=attack_per_core.get)
@@ -330,11 +299,9 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     table_md = markdown(rows, per_core)
     if out:
         from engine.fsutil import atomic_path
-
         Path(out).mkdir(parents=True, exist_ok=True)
         with atomic_path(Path(out) / "scale.md") as tmp:
             Path(tmp).write_text("# scale\n\n" + table_md)
-
     notes += [
         "The synthetic crops come from two photos (sklearn's sample images): bytes per image, hence the .beton "
         "size, may differ from real ImageNet, whose photos vary more in content and size.",

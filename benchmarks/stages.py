@@ -1,11 +1,6 @@
-"""The real stage objects, built as ``dbd run`` builds them, over a benchmark data set.
-
-``engine.pipeline.make_stage`` makes the stage; ``build()`` gives it its model, backend,
-loaders and views, and the benchmarks time its own ``prepare`` (the batch to the device
-and its views), ``update`` (forward, loss, backward, optimizer) and ``train_step``.
-The linear and fine-tuning stages read their upstream stage's weights: an untrained
-model's, written into the benchmark's run dir with the files a finished stage leaves.
-"""
+"""The real stage objects, built as ``dbd run`` builds them (``engine.pipeline.make_stage``),
+over a benchmark data set; the linear and fine-tuning stages read an untrained upstream
+model written into the benchmark's run dir with the files a finished stage leaves."""
 from __future__ import annotations
 
 import os
@@ -24,9 +19,7 @@ def config(root, *, preset=None, backend: str = "ddp", precision: str = "fp32", 
     on the defaults; DeepSpeed gets the ZeRO-0 JSON of ``precision``. ``workers`` None
     keeps the preset's loader threads."""
     import json
-
     from engine.config import load_config
-
     if backend == "deepspeed" and device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     name = json.loads((Path(root) / "meta.json").read_text())["name"]
@@ -40,7 +33,6 @@ def config(root, *, preset=None, backend: str = "ddp", precision: str = "fp32", 
 
 def open_run(cfg):
     """This process's DistInfo and RunData (the poisoned training set), as ``dbd run`` makes them.
-
     One process group serves every stage built afterwards: DeepSpeed keeps the group
     it first saw, and needs one even for a single process (so start with a DeepSpeed
     config when any stage will use it)."""
@@ -48,7 +40,6 @@ def open_run(cfg):
     from engine.data.prepare import load_meta
     from engine.data.run_data import DatasetMeta, RunData
     from engine.runtime.launch import init_distributed, shutdown
-
     shutdown()  # DistInfo is cached per process: start from nothing
     dist = init_distributed(cfg.device, cfg.distributed, cfg.runtime)
     meta = DatasetMeta.from_raw(load_meta(cfg.data.root))
@@ -59,13 +50,11 @@ def write_upstream(cfg, run_dir: Path, num_classes: int) -> None:
     """``pretrain`` and ``linear`` as finished stages leave them: model.pt and done.json,
     and the linear stage's Adam state (that of an Adam which took no step yet)."""
     import torch
-
     from engine.fsutil import torch_save, write_json
     from engine.models import Classifier, SimCLRModel
     from engine.rundir import DONE, MODEL
     from engine.runtime.checkpoint import save_final_model
     from engine.defenses.dbd.linear import OPTIMIZER
-
     m = cfg.model
     for stage, make in (("pretrain", lambda: SimCLRModel(m.arch, m.width, m.proj_hidden, m.proj_dim)),
                         ("linear", lambda: Classifier(m.arch, m.width, num_classes))):
@@ -82,10 +71,8 @@ def write_upstream(cfg, run_dir: Path, num_classes: int) -> None:
 def build(cfg, name: str, run_dir: Path, dist, data):
     """Stage ``name``, built and in train mode, as the Trainer has it before its first epoch."""
     import torch
-
     from engine.pipeline import make_stage
     from engine.stages import stage_class
-
     if stage_class(name).needs:
         write_upstream(cfg, run_dir, data.meta.num_classes)
     stage = make_stage(cfg, name, run_dir=Path(run_dir), dist=dist, data=data)

@@ -1,23 +1,6 @@
-"""Training images/second of the real stages' steps, and where a step's time goes.
-
-1. Per stage, backend and precision: the pretrain (SimCLR), linear and fine-tuning
-   (MixMatch) stages, built by ``engine.pipeline.make_stage`` over a synthetic poisoned
-   CIFAR-size ``.beton``, step on their own loaders. Each step is timed in three parts,
-   each synchronised with the device:
-   - data wait: blocked on the stage's next batch (the loader prefetches in the
-     background, so this is the loading the step could not hide);
-   - views: ``stage.prepare`` (the batch to the device, the ``kernels`` views);
-   - model: ``stage.update`` (forward, loss, backward, optimizer step).
-   Warm-up steps at the timed batch size come first (loader compilation, Triton's
-   kernel compilation, cuDNN's choices); the median over the timed steps is reported.
-   The SimCLR step's compute ceiling share: images/s x FLOPs per image (two views,
-   forward + backward, benchmarks/flops.py) over the device's measured matmul FLOP/s
-   in the same precision; on a GPU, the figure the >= 50 % target is stated for.
-2. ``simclr_model_step/...``: the pretrain stage's ``update`` alone (its views made once
-   by ``prepare``) per backend, precision, torch.compile and world size. On CPU the
-   world sizes share the cores (world size 2 is two gloo processes with half each, at
-   the same global batch: strong scaling).
-"""
+"""Training images/second of the real stages' steps, where a step's time goes, and the
+SimCLR model step per backend, precision, torch.compile and world size with its weak
+scaling (what it measures: docs/benchmarks.md). ``time_steps`` is also the GPU check's."""
 from __future__ import annotations
 
 import os
@@ -31,13 +14,14 @@ from benchmarks.harness import measurement, pin_torch_threads, run_child, sync, 
 
 KINDS = {"simclr": "pretrain", "linear": "linear", "mixmatch": "finetune"}  # figure name: stage
 # CPU: as recorded in RESULTS.md. GPU: a global batch of 512 at 32 px for every stage
-# (MixMatch: 256 labelled + 256 unlabelled) and the full-width ResNet-18.
+# (MixMatch: 256 labelled + 256 unlabelled) and the full-width ResNet-18. The grid's
+# ``batch`` is per rank at every world size (weak scaling).
 CPU = dict(width=16, n=5120, batch=dict(simclr=256, linear=128, mixmatch=64), warmup=2, steps=5,
-           grid=dict(width=64, global_batch=32, warmup=1, steps=2, reps=3, compile="ddp/fp32"))
+           grid=dict(width=64, batch=32, warmup=1, steps=2, reps=3, compile="ddp/fp32"))
 GPU = dict(width=64, n=10240, batch=dict(simclr=512, linear=512, mixmatch=256), warmup=3, steps=10,
-           grid=dict(width=64, global_batch=512, warmup=3, steps=5, reps=5, compile="all"))
+           grid=dict(width=64, batch=512, warmup=3, steps=5, reps=5, compile="all"))
 QUICK = dict(width=4, n=256, batch=dict(simclr=16, linear=16, mixmatch=16), warmup=1, steps=2,
-             grid=dict(width=4, global_batch=16, warmup=1, steps=1, reps=1, compile="none"))
+             grid=dict(width=4, batch=8, warmup=1, steps=1, reps=1, compile="none"))
 
 
 def combos(cuda: bool, quick: bool) -> list[tuple[str, str]]:
@@ -61,66 +45,54 @@ def matmul_ceiling(device: torch.device, precision: str, quick: bool) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-class HostClock:
-    """``perf_counter`` after waiting for the device: each mark follows the work before it."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def mark(self) -> float:
-        sync(self.device)
-        return time.perf_counter()
-
-    @staticmethod
-    def seconds(a: float, b: float) -> float:
-        return b - a
+def _clock(device):
+    """``(mark, seconds)``: CUDA events on a GPU (marks cost no host sync; read once the
+    device has caught up), else ``perf_counter`` after waiting for the device."""
+    if torch.device(device).type == "cuda":
+        def event():
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return event, lambda a, b: a.elapsed_time(b) / 1e3
+    return lambda: (sync(device), time.perf_counter())[1], lambda a, b: b - a
 
 
-class CudaEventClock:
-    """CUDA events on the current stream: marks cost no host sync, and are read once the
-    device has caught up (``time_stage`` synchronises after its last step)."""
-
-    @staticmethod
-    def mark():
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        return e
-
-    @staticmethod
-    def seconds(a, b) -> float:
-        return a.elapsed_time(b) / 1e3
-
-
-def clock_for(device) -> HostClock | CudaEventClock:
-    """CUDA events on a GPU, the host clock elsewhere (where every op has finished when it returns)."""
-    return CudaEventClock() if torch.device(device).type == "cuda" else HostClock(device)
-
-
-def time_stage(stage, warmup: int, steps: int, device, clock=None, batches=None, start: int = 0) -> dict:
-    """Step by step: the wait for the batch, ``prepare`` and ``update`` apart, timed by
-    ``clock`` (``mark()``, ``seconds(a, b)``; default: ``HostClock``). ``batches``: an
-    iterator of the batches to step on; default: the stage's first epoch (begun here).
-    Step indices count from ``start``."""
-    clock = clock or HostClock(device)
+def time_steps(stage, warmup: int, steps: int, device, batches=None, count: bool = False) -> dict:
+    """``warmup`` untimed steps, then ``steps`` timed ones, each split into the wait for the
+    batch, ``prepare`` (to the device, the views) and ``update`` (forward, loss, backward,
+    optimizer). ``batches``: an iterator of batches (default: the stage's first epoch).
+    ``count``: one more step first under a host-sync counter and torch's FLOP counter."""
     own = batches is None
     if own:
         stage.on_epoch_start(0)
         batches = iter(stage.batches(0))
-    marks = []
-    for k in range(start, start + warmup + steps):
-        m0 = clock.mark()
+    mark, seconds = _clock(device)
+    out, marks = {}, []
+    for k in range(warmup + count + steps):
+        if count and k == warmup:
+            from torch.utils.flop_counter import FlopCounterMode
+            from engine.runtime.host_sync import HostSyncCounter
+            with HostSyncCounter() as syncs, FlopCounterMode(display=False) as flops:
+                loss = float(stage.update(stage.prepare(next(batches), 0, k), 0, k)["loss"])
+            out.update(flops_per_step=float(flops.get_total_flops()), host_syncs_per_step=len(syncs),
+                       host_syncs=syncs.summary(), loss=loss)
+            if torch.device(device).type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            continue
+        m0 = mark()
         batch = next(batches)
-        m1 = clock.mark()
+        m1 = mark()
         x = stage.prepare(batch, 0, k)
-        m2 = clock.mark()
+        m2 = mark()
         stage.update(x, 0, k)
-        marks.append((m0, m1, m2, clock.mark()))
+        if k >= warmup + count:
+            marks.append((m0, m1, m2, mark()))
     if own:
         getattr(batches, "close", lambda: None)()  # the loader's threads end with the epoch
     sync(device)
-    wait, views, model = ([clock.seconds(m[i], m[i + 1]) for m in marks[warmup:]] for i in range(3))
+    wait, views, model = ([seconds(m[i], m[i + 1]) for m in marks] for i in range(3))
     total = sum(wait) + sum(views) + sum(model)
-    return {"images_per_s": [stage.images_per_step / (w + v + m) for w, v, m in zip(wait, views, model)],
+    return {**out, "images_per_s": [stage.images_per_step / (w + v + m) for w, v, m in zip(wait, views, model)],
             "data_wait_share": sum(wait) / total, "views_share": sum(views) / total,
             "model_share": sum(model) / total, "wait_s": wait, "views_s": views, "model_s": model}
 
@@ -129,9 +101,9 @@ def model_step_rank(root: str, grid: list[dict], s: dict, device: str, threads: 
     """One rank of the model-step grid: each configuration's pretrain stage, its ``update``
     on views made once, timed between barriers (started by ``harness.run_child``)."""
     from engine.runtime.launch import barrier, shutdown
-
     pin_torch_threads(threads if device == "cpu" else None)
-    kw = dict(device=device, width=s["width"], workers=1, extra=[f"pretrain.batch_size={s['global_batch']}"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    kw = dict(device=device, width=s["width"], workers=1, extra=[f"pretrain.batch_size={s['batch'] * world}"])
     first = "deepspeed" if any(c["backend"] == "deepspeed" for c in grid) else "ddp"
     dist, data = stages.open_run(stages.config(root, backend=first, **kw))
     run_dir = tempfile.mkdtemp(prefix="dbd-bench-step-")
@@ -140,8 +112,7 @@ def model_step_rank(root: str, grid: list[dict], s: dict, device: str, threads: 
         for c in grid:
             stage = stages.build(stages.config(root, backend=c["backend"], precision=c["precision"],
                                                compile=c["compile"], **kw), "pretrain", run_dir, dist, data)
-            per_rank = s["global_batch"] // dist.world_size
-            images = torch.randint(0, 256, (per_rank, 32, 32, 3), dtype=torch.uint8,
+            images = torch.randint(0, 256, (s["batch"], 32, 32, 3), dtype=torch.uint8,
                                    generator=torch.Generator().manual_seed(dist.rank))
             x = stage.prepare((images,), 0, 0)
 
@@ -154,10 +125,9 @@ def model_step_rank(root: str, grid: list[dict], s: dict, device: str, threads: 
                 sync(dist.device)
                 barrier()
                 return time.perf_counter() - t0
-
             warm = window(s["warmup"], 0)
-            reps = [s["global_batch"] * s["steps"] / window(s["steps"], 1000 * (r + 1)) for r in range(s["reps"])]
-            results[grid_key(c, dist.world_size)] = {"reps": reps, "warmup_seconds": round(warm, 2)}
+            reps = [s["batch"] * world * s["steps"] / window(s["steps"], 1000 * (r + 1)) for r in range(s["reps"])]
+            results[grid_key(c, world)] = {"reps": reps, "warmup_seconds": round(warm, 2), "threads": threads}
     finally:
         shutdown()
     return results
@@ -168,17 +138,20 @@ def grid_key(c: dict, world: int) -> str:
 
 
 def model_step_grid(root: str, s: dict, device: torch.device, quick: bool) -> dict:
+    """The grid at world size 1 and, where there are 2 GPUs or on a CPU, 2. Weak scaling:
+    every rank gets the same batch and (on a CPU) the same threads at every world size,
+    so only the distribution's costs change (2 ranks on a 1-core CPU oversubscribe it)."""
     cuda = device.type == "cuda"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    worlds = [1] if quick or (cuda and torch.cuda.device_count() < 2) else [1, 2]
+    worlds = [1] if cuda and torch.cuda.device_count() < 2 else [1, 2]
+    threads = max(1, cores // max(worlds))
+    # torch.compile of a ResNet-18 forward+backward takes minutes on a small CPU: there
+    # only ddp/fp32 is compiled.
+    grid = [{"backend": b, "precision": p, "compile": k} for b, p in combos(cuda, quick) for k in (False, True)
+            if not k or s["compile"] == "all" or s["compile"] == f"{b}/{p}"]
     out = {}
     for world in worlds:
-        # torch.compile of a ResNet-18 forward+backward takes minutes on a small CPU: there
-        # only ddp/fp32 is compiled.
-        grid = [{"backend": b, "precision": p, "compile": k} for b, p in combos(cuda, quick) for k in (False, True)
-                if not k or s["compile"] == "all" or s["compile"] == f"{b}/{p}"]
         t0 = time.time()
-        threads = max(1, cores // world)
         out.update(run_child("benchmarks.step:model_step_rank",
                              dict(root=root, grid=grid, s=s, device=device.type, threads=threads),
                              world=world, threads=threads, timeout=240 if quick else 1500))
@@ -193,7 +166,6 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     from benchmarks.flops import count
     from benchmarks.synthetic import cifar_like
     from engine.runtime.launch import shutdown
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
     s = QUICK if quick else (GPU if cuda else CPU)
@@ -220,7 +192,7 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
                 notes.append(f"{kind}/{key} could not run: {type(e).__name__}: {e}")
                 continue
             torch.set_num_threads(threads)
-            r = time_stage(stage, s["warmup"], s["steps"], dev)
+            r = time_steps(stage, s["warmup"], s["steps"], dev)
             del stage
             if cuda:
                 torch.cuda.empty_cache()
@@ -236,9 +208,16 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     if not measurements:
         raise RuntimeError("no stage could run a step: " + "; ".join(notes))
     grid_results = model_step_grid(str(bench.root), s["grid"], dev, quick)
+    efficiency: dict[str, dict[str, float]] = {}
     for k, v in grid_results.items():
-        measurements[f"simclr_model_step/{k}"] = measurement("images/s", v["reps"], warmup_seconds=v["warmup_seconds"])
-
+        m = measurements[f"simclr_model_step/{k}"] = measurement("images/s", v["reps"],
+                                                                 warmup_seconds=v["warmup_seconds"])
+        world, config = k.split("/", 1)
+        base = measurement("images/s", grid_results[f"ws1/{config}"]["reps"])["median"]
+        w = int(world[2:])
+        efficiency.setdefault(config, {})[str(w)] = m["median"] / (w * base)
+        measurements[f"simclr_model_step/{k}/weak_scaling_efficiency"] = {
+            "unit": "efficiency", "median": m["median"] / (w * base), "reps": [r / (w * base) for r in v["reps"]]}
     targets, not_measured = [], []
     head = measurements.get(f"simclr/ddp/{'bf16' if cuda else 'fp32'}/images_per_s")
     if cuda and head is not None and s["width"] == 64:
@@ -247,11 +226,15 @@ def run(quick: bool = False, device: str | None = None, threads: int | None = No
     else:
         not_measured.append("the GPU SimCLR step's share of the compute ceiling (>= 50 % target): no GPU in this run")
     if quick:
-        not_measured.append("quick mode: DDP fp32 only, world size 1, no torch.compile")
-    notes += [f"model: cifar_resnet18 width {s['width']} (model-step grid: width {s['grid']['width']})",
+        not_measured.append("quick mode: DDP fp32 only, no torch.compile")
+    if cuda and "ws2/ddp/fp32/eager" not in grid_results:
+        not_measured.append("multi-GPU (NCCL) weak scaling: fewer than 2 GPUs")
+    notes += [f"model: cifar_resnet18 width {s['width']} (model-step grid: width {s['grid']['width']}, "
+              f"{s['grid']['batch']} images per rank at every world size)",
               "data: synthetic CIFAR-size raw .beton, BadNets 10 % poisoned; the fine-tuning stage's loaders "
               "read its own split (epsilon 0.5) of an untrained model"]
     return {"unit": "images/s", "measurements": measurements, "breakdown": breakdown, "model_step": grid_results,
+            "weak_scaling_efficiency": efficiency,
             "settings": {**s, "quick": quick, "device": str(dev), "workers": workers, "combos": grid,
                          "flops_per_simclr_image": flops_simclr, "matmul_ceiling_flops": ceilings,
                          "torch_threads": threads},

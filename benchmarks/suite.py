@@ -1,24 +1,7 @@
 """The benchmark suite: registry, runner, the table, and the CLI of ``python -m benchmarks``
-(``dbd bench``).
-
-Every benchmark is a module with ``run(quick: bool, ...) -> dict``; it may also take
-``device`` and ``threads``. The runner starts each in its own Python process: a
-benchmark's thread settings (importing FFCV sets torch's thread count; its loaders
-change it again), numba compilations and memory do not leak into the next one, and a
-benchmark that hangs is stopped at its time limit instead of stalling the suite
-(``harness.run_child``).
-``--in-process`` runs them in this process instead.
-
-``gpu`` is the one prepared check of the GPU path (benchmarks/gpu/): it runs only when
-named (``python -m benchmarks gpu --out DIR``), isolates its own phases in child
-processes, and writes ``gpu.json`` as it goes plus a ``gpu.md`` summary; ``--smoke``
-(the same as ``--quick``) runs its CPU path, as CI does.
-
-Each benchmark's JSON holds the environment (machine, CPU, cores, load, device,
-versions, commit, date), the settings, every repetition with medians and spread,
-and, for comparisons, ``unit``, ``engine``, ``reference`` (medians) and ``ratio``
-(engine over reference, higher is better) at its top level.
-"""
+(``dbd bench``). Every benchmark is a module with ``run(quick: bool, ...) -> dict`` (it
+may also take ``device``, ``threads`` and ``out``), run in a child process of its own
+(``harness.run_child``) unless ``--in-process``. Details: docs/benchmarks.md."""
 from __future__ import annotations
 
 import argparse
@@ -58,8 +41,8 @@ REGISTRY: dict[str, Benchmark] = {b.name: b for b in (
               "DataLoader; trigger cost per attack", full_limit_s=1200),
     Benchmark("augment", "view kernels: fused / PyTorch path / torchvision v2 / kornia / PIL at 32 and 224 px"),
     Benchmark("step", "training images/s of the real stages per backend and precision; data wait, views and model "
-              "shares of a step; the model step per world size", full_limit_s=1800),
-    Benchmark("scaling", "the pretrain stage's step at world size 1, 2, ... on CPU: weak scaling"),
+              "shares of a step; the model step per world size, with its weak-scaling efficiency",
+              quick_limit_s=420, full_limit_s=1800),
     Benchmark("end_to_end", "one epoch per DBD stage: engine loader vs the reference DataLoader feeding the same "
               "stage", full_limit_s=1200),
     Benchmark("flops", "ResNet-18/50 FLOPs per image, forward and forward+backward"),
@@ -86,50 +69,40 @@ def run_in_process(name: str, quick: bool, device: str | None = None, threads: i
     result = fn(quick=quick, **kwargs)
     record = {"benchmark": name, "summary": bench.summary, "quick": quick, "threads_option": threads,
               "environment": {**env, "load_average_after": load_average()}, "wall_seconds": time.perf_counter() - t0}
-    for key, value in result.items():
-        record.setdefault(key, value)
-    return jsonable(record)
+    return jsonable({**result, **record})
 
 
-def _fmt(v) -> str:
+def _fmt(v, stats: dict | None = None) -> str:
+    """A figure (3 significant digits, thousands separators from 100), with its quartiles."""
     if not isinstance(v, (int, float)):
         return "-"
-    return "0" if v == 0 else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+    text = "0" if v == 0 else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+    return text + (f" ({_fmt(stats['q1'])}–{_fmt(stats['q3'])})" if stats and "q1" in stats else "")
 
 
-def table(records: list[dict], markdown: bool = False) -> str:
-    """One line per comparison (engine, reference, ratio), one per measurement without;
-    ``markdown``: the same as Markdown tables with the spread, for RESULTS.md."""
-    rows = []
+def table(records: list[dict], spread: bool = False) -> str:
+    """A Markdown table: one row per comparison (engine, reference, ratio), one per
+    measurement of a benchmark without comparisons; ``spread``: with the quartiles."""
+    lines = ["| benchmark | figure | unit | engine | reference | ratio |", "|" + " --- |" * 6]
     for rec in records:
+        b = rec["benchmark"]
         for key, c in (rec.get("comparisons") or {}).items():
-            mark = " *" if key == rec.get("headline") else ""
-            rows.append((rec["benchmark"], key + mark, c["unit"], c["engine"], c.get("engine_stats"), c["reference"],
-                         c.get("reference_stats"), c["ratio"]))
+            lines.append(f"| {b} | {key}{' *' if key == rec.get('headline') else ''} | {c['unit']} | "
+                         f"{_fmt(c['engine'], spread and c.get('engine_stats'))} | "
+                         f"{_fmt(c['reference'], spread and c.get('reference_stats'))} | {_fmt(c['ratio'])} |")
         if not rec.get("comparisons"):
-            for key, m in (rec.get("measurements") or {}).items():
-                rows.append((rec["benchmark"], key, str(m.get("unit", "")), m.get("median"), m, None, None, None))
-    if markdown:
-        iqr = lambda st: f" ({_fmt(st['q1'])}–{_fmt(st['q3'])})" if st and "q1" in st else ""  # noqa: E731
-        lines = ["| benchmark | figure | unit | engine (IQR) | reference (IQR) | ratio |", "|" + " --- |" * 6]
-        lines += [f"| {b} | {k} | {u} | {_fmt(e)}{iqr(es)} | {_fmt(r)}{iqr(rs) if r else ''} | {_fmt(x)} |"
-                  for b, k, u, e, es, r, rs, x in rows]
-    else:
-        head = f"{'benchmark':<12} {'figure':<46} {'unit':<14} {'engine':>12} {'reference':>12} {'ratio':>8}"
-        lines = [head, "-" * len(head)] + [
-            f"{b:<12} {k[:46]:<46} {u[:14]:<14} {_fmt(e):>12} {_fmt(r) if r else '':>12} {_fmt(x) if x else '':>8}"
-            for b, k, u, e, _, r, _, x in rows]
+            lines += [f"| {b} | {key} | {m.get('unit', '')} | {_fmt(m.get('median'), spread and m)} | | |"
+                      for key, m in (rec.get("measurements") or {}).items()]
     lines.append("(* headline figure; ratio = engine / reference, higher is better)")
     if any(rec.get("quick") for rec in records):
-        lines.append("(--quick: a smoke run without warm-up; its figures are not measurements, "
-                     "run without --quick for those)")
+        lines.append("(--quick: a smoke run without warm-up; its figures are not measurements)")
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="benchmarks to run (default: all of "
-                   f"{', '.join(n for n, b in REGISTRY.items() if b.default)}; gpu runs only when named)")
+                   f"{', '.join(n for n, b in REGISTRY.items() if b.default)}; gpu and scale run only when named)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions: a smoke run")
     p.add_argument("--smoke", action="store_true", help="the same as --quick (for gpu: its CPU path, Triton "
                    "interpreted, as CI runs it)")
@@ -180,9 +153,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
     p = argparse.ArgumentParser(prog=prog, description="Throughput benchmarks: the engine against the reference way.",
                                 epilog="benchmarks: " + ", ".join(f"{b.name} ({b.summary})" for b in REGISTRY.values()))
     add_arguments(p)
-    args = p.parse_args(argv)
     try:
-        return run_from_args(args)
+        return run_from_args(p.parse_args(argv))
     except UnknownBenchmark as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -195,12 +167,11 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"{b.name:<12} {b.summary}")
         return 0
     if args.report:
-        print(table([json.loads(p.read_text()) for p in sorted(Path(args.report).glob("*.json"))], markdown=True))
+        print(table([json.loads(p.read_text()) for p in sorted(Path(args.report).glob("*.json"))], spread=True))
         return 0
     names = select(args.names)
     if args.device is None:
         import torch
-
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     records, failures = run_suite(names, quick=args.quick or args.smoke, out=Path(args.out), device=args.device,
                                   threads=args.threads, isolate=not args.in_process)

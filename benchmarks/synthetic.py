@@ -1,21 +1,7 @@
-"""The data sets the benchmarks read, built once and cached.
-
-Two shapes, each written for both sides of a comparison from the same pixels:
-
-- CIFAR-size: N random uint8 32x32 images. The engine reads a raw ``.beton``; the
-  reference holds the same array in memory, as ``torchvision.datasets.CIFAR10`` does.
-- ImageNet-size: crops of about 400x350 pixels (sizes vary, as real ImageNet's do) from
-  the photos bundled with scikit-learn. The reference reads them as JPEG files with
-  PIL; the engine reads a JPEG ``.beton`` written from the same decoded pixels at the
-  same quality, as ``dbd prepare imagefolder`` writes it: by default at the decode
-  geometry (256 px centre squares, ``--decode-size``), or at source resolution
-  (``decode_size=0``).
-
-Each set is a folder like ``dbd prepare`` writes (train.beton, test.beton, meta.json),
-so the engine's loaders and ``engine.attacks.runtime.build_poison`` take it as is.
-The cache lives in ``$DBD_BENCH_CACHE`` (default: a folder in the system temp dir);
-``meta.json`` is written last, so its presence marks a complete set.
-"""
+"""The data sets the benchmarks read, built once and cached in ``$DBD_BENCH_CACHE``
+(default: a folder in the system temp dir): CIFAR-size random images and ImageNet-size
+photo crops, each written for both sides of a comparison from the same pixels, and the
+scale benchmark's ImageFolder tree (what each holds: docs/benchmarks.md)."""
 from __future__ import annotations
 
 import hashlib
@@ -54,13 +40,11 @@ def _write_set(root: Path, name: str, train_images, labels, test_images, test_la
                decode_size: int = 0) -> dict:
     from engine.data.beton import write_beton
     from engine.fsutil import write_json
-
     root.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, imgs, labs in (("train", train_images, labels), ("test", test_images, test_labels)):
         if decode_size:
             from engine.data.decode_geometry import to_decode_geometry
-
             imgs = [to_decode_geometry(im, decode_size) for im in imgs]
         write_beton(root / f"{split}.beton", [(im, int(y), i) for i, (im, y) in enumerate(zip(imgs, labs))],
                     fixed_size=fixed, write_mode="raw" if fixed else "jpg", max_resolution=0 if fixed else 512,
@@ -107,7 +91,6 @@ def cifar_like(n: int, seed: int = 0) -> BenchSet:
 
 def _photo_crops(n: int, seed: int) -> list[np.ndarray]:
     from sklearn.datasets import load_sample_images
-
     photos = load_sample_images().images  # two 427x640 photos
     rng = np.random.default_rng(seed)
     return [photo_crop(photos[i % len(photos)], rng) for i in range(n)]
@@ -125,11 +108,19 @@ def photo_crop(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(crop)
 
 
+def save_jpeg(image: np.ndarray, path: Path) -> None:
+    """``image`` as a JPEG at ``JPEG_QUALITY``, written under a temporary name first (a
+    ``.tmp`` file left by a stopped writer is never taken for an image)."""
+    from PIL import Image
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image).save(tmp, format="JPEG", quality=JPEG_QUALITY)
+    os.replace(tmp, path)
+
+
 def imagenet_like(n: int, seed: int = 0, decode_size: int = 256) -> BenchSet:
     """``n`` photo crops of about 400x350 as JPEG files and as a JPEG ``.beton`` stored at
     ``decode_size`` (0: source resolution)."""
     from PIL import Image
-
     root = cache_dir() / f"jpeg400-n{n}-s{seed}-d{decode_size}-v{FORMAT}"
     files = root / "jpeg"
     labels = (np.arange(n) % NUM_CLASSES).astype(np.int64)
@@ -140,9 +131,7 @@ def imagenet_like(n: int, seed: int = 0, decode_size: int = 256) -> BenchSet:
         crops = _photo_crops(n + TEST_COUNT, seed)
         decoded = []
         for i, crop in enumerate(crops[:n]):
-            tmp = files / f".{i:06d}.jpg.tmp"
-            Image.fromarray(crop).save(tmp, format="JPEG", quality=JPEG_QUALITY)
-            os.replace(tmp, paths[i])
+            save_jpeg(crop, Path(paths[i]))
             # The .beton gets the pixels the reference will decode, so both sides
             # start from the same image content.
             with Image.open(paths[i]) as im:
@@ -160,7 +149,6 @@ def poison_runtime(bench: BenchSet, *, image_size: int, decode_size: int, attack
     3x3 patch), ``ratio`` of all samples: a PoisonRuntime built in memory, and its config."""
     from engine.attacks.runtime import build_poison
     from engine.config import load_config
-
     cfg = load_config(None, [f"data.name={bench.meta['name']}", f"data.root={bench.root}",
                              f"data.image_size={image_size}", f"data.decode_size={decode_size}",
                              f"data.num_workers={num_workers}", f"attack.name={attack}",
@@ -178,22 +166,16 @@ _PHOTOS = None
 def _init_writer() -> None:
     global _PHOTOS
     from sklearn.datasets import load_sample_images
-
     _PHOTOS = load_sample_images().images  # two 427x640 photos
 
 
 def _write_chunk(job: tuple[str, int, int, int]) -> None:
     """Write crops ``start .. stop-1`` of one split (``benchmarks.synthetic.photo_crop``,
     seeded per index so any worker can draw any crop)."""
-    from PIL import Image
-
     folder, start, stop, seed = job
     for i in range(start, stop):
-        path = Path(folder) / f"class{i % NUM_CLASSES}" / f"{i:07d}.jpg"
-        tmp = path.with_name(f".{path.name}.tmp")
-        crop = photo_crop(_PHOTOS[i % len(_PHOTOS)], np.random.default_rng([seed, i]))
-        Image.fromarray(crop).save(tmp, format="JPEG", quality=JPEG_QUALITY)
-        os.replace(tmp, path)
+        save_jpeg(photo_crop(_PHOTOS[i % len(_PHOTOS)], np.random.default_rng([seed, i])),
+                  Path(folder) / f"class{i % NUM_CLASSES}" / f"{i:07d}.jpg")
 
 
 def _write_split(pool, folder: Path, start: int, count: int, seed: int, deadline: float | None,
@@ -218,9 +200,7 @@ def synthetic_tree(n: int, val_n: int, budget_s: float, workers: int, seed: int 
     seconds by ``workers`` processes, or reused from the cache. Returns its record (the
     writing's own figures, from the run that wrote it)."""
     import multiprocessing as mp
-
     from engine.fsutil import write_json
-
     root = cache_dir() / f"scale-tree-n{n}-s{seed}-v{TREE_FORMAT}"
     marker = root / "tree.json"
     if marker.is_file():

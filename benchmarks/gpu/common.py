@@ -16,18 +16,15 @@ PHASES = ("kernels", "views", "steps", "distributed")
 CAPS = {"full": dict(kernels=60, views=70, steps=230, distributed=75),
         "smoke": dict(kernels=120, views=90, steps=150, distributed=150)}
 GRACE_S = 15  # past its deadline by this much, a phase's child is killed
-
+# steps cases: (family, stage, arch, width, view size, source size, batch), batch being the
+# stage's own batch_size (MixMatch: labelled, plus as many unlabelled). decode: JPEGs of
+# (height, width) decoded and framed at decode_size, ``poisoned`` of them triggered.
 SIZES = {
     "full": dict(
         kernels=dict(small=(512, 32, 32), large=(256, 256, 224), strided_small=512, strided_large=64,
                      overflow=1024, overflow_dtypes=("fp32", "bf16"), padding=4),
-        views=dict(sizes={"32px": (32, 32), "224px": (256, 224)}, batch=512, per_sample=64, reps=5,
-                   per_sample_reps=3),
-        # data.decode_device: JPEG bytes of (height, width) photos decoded and framed at
-        # decode_size, 10% triggered (BadNets), cuda against the CPU path.
+        views=dict(sizes={"32px": (32, 32), "224px": (256, 224)}, batch=512, per_sample=64, reps=5),
         decode=dict(source=(350, 400), decode_size=256, batch=256, reps=3, poisoned=0.1),
-        # (family, stage, arch, width, view size, source size, batch): the stage's own
-        # batch_size (MixMatch: labelled, plus as many unlabelled).
         steps=dict(warmup=3, timed={"cifar": 10, "imagenet": 5}, cases=(
             ("cifar", "pretrain", "cifar_resnet18", 64, 32, 32, 512),
             ("cifar", "finetune", "cifar_resnet18", 64, 32, 32, 64),
@@ -39,13 +36,11 @@ SIZES = {
     "smoke": dict(
         # 7 px views from 9 px sources are one tile; 33 px views (1,089 pixels) are two,
         # which takes the contrast pre-pass and the tiled blur like 224 px does. The
-        # interpreter runs program by program (about 1 s per 33 px image and view), so the
-        # batches are as small as still say something: several images where offsets and
-        # strides between images matter.
+        # interpreter runs program by program (about 1 s per 33 px image and view), so
+        # the batches are as small as still say something.
         kernels=dict(small=(4, 9, 7), large=(1, 40, 33), strided_small=4, strided_large=2, overflow=3,
                      overflow_dtypes=("fp32",), padding=2),
-        # Timing needs no second tile: both sizes are one (the kernels phase checks the tiled path).
-        views=dict(sizes={"8px": (8, 8), "16px": (20, 16)}, batch=2, per_sample=1, reps=1, per_sample_reps=1),
+        views=dict(sizes={"8px": (8, 8), "16px": (20, 16)}, batch=2, per_sample=1, reps=1),
         decode=dict(source=(35, 40), decode_size=32, batch=4, reps=1, poisoned=0.5),
         steps=dict(warmup=1, timed={"cifar": 2, "imagenet": 2}, cases=(
             ("cifar", "pretrain", "cifar_resnet18", 4, 32, 32, 16),
@@ -68,7 +63,6 @@ def dist_stages() -> tuple[str, ...]:
     """Every registered stage, each after those it needs (the registry: a new defense's
     stages are checked without editing this package)."""
     from engine.stages.base import stages_in_order
-
     return stages_in_order()
 
 
@@ -82,7 +76,6 @@ def ffcv_importable() -> bool:
 
 def device(smoke: bool):
     import torch
-
     if smoke:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -92,7 +85,6 @@ def device(smoke: bool):
 
 def free_memory() -> None:
     import torch
-
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
@@ -101,24 +93,20 @@ def free_memory() -> None:
 def images(batch: int, h: int, w: int, dev, seed: int):
     """Random uint8 NHWC images on ``dev``."""
     import torch
-
     g = torch.Generator(device=dev).manual_seed(seed)
     return torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=dev, generator=g)
 
 
 def memory_data(cfg, dist, n: int, source: int, seed: int = 1234):
     """In-memory uint8 data for the stages. ``source`` > data.image_size: the ImageNet
-    presets decode JPEGs at data.decode_size (256) and cut their 224 px views on the
-    device; MemoryData checks that its images are at the training size, so the larger
-    sources replace its training images after that check (the test images stay at the
-    training size, which is what evaluation reads)."""
+    presets cut their 224 px views from 256 px decodes on the device; MemoryData checks
+    that its images are at the training size, so the larger sources replace its training
+    images after that check (the test images stay at the size evaluation reads)."""
     import torch
-
     from engine.data.memory import MemoryData
-
     g = torch.Generator().manual_seed(seed)
     size, test_n = cfg.data.image_size, 8
-    labels = torch.randint(0, CLASSES, (n,), generator=g)
+    labels = torch.randint(0, CLASSES, (n,), generator=g)  # first: the seed's draws name the data set
     data = MemoryData(cfg.data, dist, cfg.seed,
                       train=(torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g), labels),
                       test=(torch.randint(0, 256, (test_n, size, size, 3), dtype=torch.uint8, generator=g),
@@ -146,7 +134,6 @@ class Progress:
     def save(self) -> None:
         if self.path:
             from engine.fsutil import write_json
-
             write_json(self.path, jsonable(self.data))
 
     def cuda_only(self, what: str, why: str) -> None:
@@ -155,11 +142,10 @@ class Progress:
     def case(self, key: str, fn, kind: str | None = None):
         """Run ``fn`` as case ``key`` unless the deadline is nearer than the time the last
         case of the same ``kind`` took (or, for a first one, the last case of any kind)."""
-        est = self.took.get(kind, self.last)
-        left = self.deadline - time.time()
+        est, left = self.took.get(kind, self.last), self.deadline - time.time()
         if est > left:
-            self.data["skipped"][key] = (f"phase time cap: {max(left, 0):.0f} s left, the case would take about "
-                                         f"{est:.0f} s")
+            self.data["skipped"][key] = f"phase time cap: {max(left, 0):.0f} s left, the case would take about " \
+                                        f"{est:.0f} s"
             self.save()
             return None
         t0 = time.time()

@@ -27,7 +27,6 @@ RANK_INVARIANT = ("pretrain",)
 
 def _dist_stage(cfg, name: str, run_dir: Path, dist, data, steps: int) -> dict:
     from benchmarks import stages
-
     stage = stages.build(cfg, name, run_dir, dist, data)
     stage.on_epoch_start(0)
     losses = []
@@ -50,7 +49,6 @@ def _nccl_probe(dev) -> dict:
     group (engine/runtime/launch.py), so the stage runs alone never reach NCCL."""
     import torch
     import torch.distributed as td
-
     td.init_process_group("nccl", store=td.HashStore(), rank=0, world_size=1, device_id=dev)
     try:
         t = torch.arange(4, dtype=torch.float32, device=dev)
@@ -65,7 +63,6 @@ def rank(smoke: bool, group: str, probe_nccl: bool, progress: str | None = None)
     """One rank (started by harness.run_child): every stage for a few steps on in-memory data."""
     from engine.config import load_config
     from engine.runtime.launch import init_distributed, shutdown
-
     s = SIZES[mode(smoke)]["distributed"]
     dev = device(smoke)
     # fp32 without TF32 and without cuDNN's autotuning: the comparison is of arithmetic,
@@ -83,7 +80,6 @@ def rank(smoke: bool, group: str, probe_nccl: bool, progress: str | None = None)
     devices = [str(dist.device)]
     if dist.world_size > 1:  # every rank's device, to show where the ranks ran
         import torch.distributed as td
-
         devices = [None] * dist.world_size
         td.all_gather_object(devices, str(dist.device))
     p = Progress(progress if dist.is_main else None, float("inf"))
@@ -130,11 +126,9 @@ def _compare(one: dict, two: dict) -> dict:
 
 def run(smoke: bool, deadline: float, progress: str | None = None, hard: float = 0.0) -> dict:
     """The stages through NCCL at world size 1 and gloo with 2 processes on the one device.
-
     Runs in the parent: its ranks are child processes already (harness.run_child), and a
     child of a phase child would outlive that child's kill. The two runs go side by side."""
     import torch
-
     p = Progress(progress, deadline)
     cuda = not smoke
     if cuda and not torch.cuda.is_available():
@@ -161,7 +155,6 @@ def run(smoke: bool, deadline: float, progress: str | None = None, hard: float =
         except Exception as e:
             partial = json.loads(prog.read_text()) if prog.is_file() else {}
             return {**partial, "error": f"{type(e).__name__}: {e}"}
-
     t0 = time.time()
     with ThreadPoolExecutor(2) as pool:
         one, two = pool.submit(launch, 1, group1), pool.submit(launch, 2, "gloo")

@@ -1,9 +1,6 @@
-"""Phase 1, ``kernels``: the fused Triton kernels against their PyTorch twin (``kernels``'
-torch implementation) on CUDA (interpreted on the CPU in smoke): SimCLR views at 32 px and at
-224 px from 256 px sources, each in fp32, bf16 and fp16; strided (non-contiguous) input;
-batch 1,024 at 224 px (where int32 offsets would overflow first); two runs bit-identical;
-the weak views and the evaluation normalisation. Max abs difference on un-normalised
-pixels against the kernels tests' own tolerances (kernels/tolerances.py)."""
+"""Phase 1, ``kernels``: the fused Triton kernels against their PyTorch twin on CUDA
+(interpreted on the CPU in smoke), by the kernels tests' own tolerances
+(kernels/tolerances.py): the cases are listed in docs/benchmarks.md."""
 from __future__ import annotations
 
 import os
@@ -14,13 +11,11 @@ from kernels import tolerances
 
 def _dtype(name: str):
     import torch
-
     return getattr(torch, next(k for k, v in tolerances.DTYPE_NAMES.items() if v == name))
 
 
 def _unnormalise(v, spec):
     import torch
-
     m = torch.tensor(spec.mean, device=v.device).view(1, 3, 1, 1)
     s = torch.tensor(spec.std, device=v.device).view(1, 3, 1, 1)
     return v.float() * s + m
@@ -29,7 +24,6 @@ def _unnormalise(v, spec):
 def _verdict(out: dict, views, dtype: str, diff: float, tol: float) -> dict:
     """``out`` with the difference, its bound, and whether the views are laid out as promised."""
     import torch
-
     ok = all(v.dtype == _dtype(dtype) and tuple(v.shape) == (out["batch"], 3, out["size"], out["size"])
              and v.is_contiguous(memory_format=torch.channels_last) for v in views)
     return {**out, "max_abs_diff": diff, "tolerance": tol, "layout_ok": ok, "pass": bool(ok and diff <= tol)}
@@ -37,7 +31,6 @@ def _verdict(out: dict, views, dtype: str, diff: float, tol: float) -> dict:
 
 def _simclr_inputs(dev, batch: int, source: int, spec, seed: int, strided: bool = False):
     from kernels import make_generator, sample_simclr_params
-
     if strided:  # a column slice of a wider batch: row stride 3 * (source + 8), not 3 * source
         imgs = images(batch, source, source + 8, dev, seed)[:, :, 4:4 + source]
         assert not imgs.is_contiguous()
@@ -50,11 +43,9 @@ def _simclr_inputs(dev, batch: int, source: int, spec, seed: int, strided: bool 
 def _simclr_check(dev, batch: int, source: int, size: int, dtype: str, *, seed: int, strided: bool = False,
                   weak: bool = False, twin_device=None, last_rows: int = 0) -> dict:
     import torch
-
     from engine.settings import DataConfig, WeakViewConfig
     from engine.stages.views import WeakAugment
     from kernels import SimCLRSpec, simclr_views
-
     # weak: the ImageNet weak view (RandomResizedCrop + flip) exactly as the stages build it.
     spec = WeakAugment(DataConfig(image_size=size), WeakViewConfig(kind="resized_crop")).spec if weak \
         else SimCLRSpec(size=size)
@@ -73,9 +64,7 @@ def _simclr_check(dev, batch: int, source: int, size: int, dtype: str, *, seed: 
 
 def _determinism_check(dev, batch: int, source: int, size: int, seed: int) -> dict:
     import torch
-
     from kernels import SimCLRSpec, simclr_views
-
     spec = SimCLRSpec(size=size)
     imgs, params = _simclr_inputs(dev, batch, source, spec, seed)
     first, second = (simclr_views(imgs, spec, params=params, impl="triton")[0] for _ in range(2))
@@ -85,7 +74,6 @@ def _determinism_check(dev, batch: int, source: int, size: int, seed: int) -> di
 
 def _weak_check(dev, batch: int, size: int, padding: int, seed: int) -> dict:
     from kernels import WeakSpec, make_generator, sample_weak_params, weak_view
-
     spec = WeakSpec(size=size, padding=padding, padding_mode="reflect")
     imgs = images(batch, size, size, dev, seed)
     params = sample_weak_params(batch, size, size, spec, make_generator(seed, 0, 0, 0, dev))
@@ -96,9 +84,7 @@ def _weak_check(dev, batch: int, size: int, padding: int, seed: int) -> dict:
 
 def _normalize_check(dev, batch: int, size: int, dtype: str, seed: int) -> dict:
     import torch
-
     from kernels import SimCLRSpec, normalize
-
     spec = SimCLRSpec(size=size)  # only for its mean and std
     imgs = images(batch, size, size, dev, seed)
     got = normalize(imgs, spec.mean, spec.std, dtype=_dtype(dtype), impl="triton")
@@ -110,9 +96,7 @@ def _normalize_check(dev, batch: int, size: int, dtype: str, seed: int) -> dict:
 def run(smoke: bool, deadline: float, progress: str | None = None) -> dict:
     """The Triton kernels against the PyTorch twin (on CUDA; interpreted on the CPU in smoke)."""
     import torch
-
     from kernels import triton_available
-
     p = Progress(progress, deadline)
     dev = device(smoke)
     s = SIZES[mode(smoke)]["kernels"]

@@ -1,31 +1,41 @@
-"""DIR/gpu.md: the GPU check's record as markdown (what ran, what passed, the figures)."""
+"""DIR/gpu.md: the GPU check's record as markdown, every phase alike: its status, its
+scalar figures, and a table of its results (and of any other case-by-case dict)."""
 from __future__ import annotations
 
 from benchmarks.gpu.common import PHASES
 
+SCALAR = (int, float, str, type(None))
+# Shown in their own places, not among a phase's figures.
+OWN = ("status", "seconds", "deadline_s", "error", "passed", "cuda_only", "skipped", "notes")
 
-def _f(v, digits: int = 3) -> str:
-    if v is None:
-        return "-"
+
+def _shown(v) -> bool:
+    """Fits a table cell: a scalar, or a list or dict of scalars."""
+    return isinstance(v, SCALAR) or isinstance(v, (list, tuple)) and all(isinstance(x, SCALAR) for x in v) or \
+        isinstance(v, dict) and all(isinstance(x, SCALAR) for x in v.values())
+
+
+def _f(v) -> str:
     if isinstance(v, bool):
         return "yes" if v else "NO"
-    if isinstance(v, (int, float)):
-        if v == 0:
-            return "0"
-        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.{digits}g}"
-    return str(v)
+    if isinstance(v, float):
+        return "0" if v == 0 else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_f(x) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_f(x)}" for k, x in v.items())
+    return "-" if v is None else str(v).replace("\n", " ").replace("|", "\\|")
 
 
-def _head(*columns: str) -> list[str]:
-    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-
-
-def _errors(results: dict) -> list[str]:
-    return [f"- {k}: `{r['error']}`" for k, r in results.items() if isinstance(r, dict) and "error" in r]
-
-
-def _done(results: dict) -> dict:
-    return {k: r for k, r in results.items() if isinstance(r, dict) and "error" not in r}
+def _table(rows: dict, first: str) -> list[str]:
+    """One row per case, one column per field any case has that fits a cell."""
+    rows = {k: r for k, r in rows.items() if isinstance(r, dict)}
+    cols = list(dict.fromkeys(c for r in rows.values() for c, v in r.items()
+                              if c not in ("traceback", "reps") and _shown(v)))
+    if not rows or not cols:
+        return []
+    return (["| " + " | ".join([first, *cols]) + " |", "|" + " --- |" * (len(cols) + 1)] +
+            [f"| {k} | " + " | ".join(_f(r.get(c)) for c in cols) + " |" for k, r in rows.items()] + [""])
 
 
 def markdown(record: dict) -> str:
@@ -38,86 +48,22 @@ def markdown(record: dict) -> str:
     if record["mode"] == "smoke":
         lines += ["Smoke run: CPU, tiny sizes, Triton interpreted. Its figures check that the code runs; "
                   "they are not measurements.", ""]
-    lines += _head("phase", "status", "seconds", "deadline (s from start)", "cases run", "skipped")
-    for name in PHASES:
-        ph = record["phases"].get(name, {})
-        lines.append(f"| {name} | {ph.get('status')} | {_f(ph.get('seconds'))} | {_f(ph.get('deadline_s'))} | "
-                     f"{len(ph.get('results') or {})} | {len(ph.get('skipped') or {})} |")
-    for name in PHASES:
-        ph = record["phases"].get(name, {})
+    lines += ["| phase | status | seconds | deadline (s from start) | cases run | skipped |", "|" + " --- |" * 6]
+    phases = {name: record["phases"].get(name, {}) for name in PHASES}
+    lines += [f"| {name} | {ph.get('status')} | {_f(ph.get('seconds'))} | {_f(ph.get('deadline_s'))} | "
+              f"{len(ph.get('results') or {})} | {len(ph.get('skipped') or {})} |" for name, ph in phases.items()]
+    for name, ph in phases.items():
         lines += ["", f"## {name}", ""]
         if ph.get("error"):
             lines += [f"**Error:** `{ph['error']}`", ""]
-        lines += _SECTIONS[name](ph, ph.get("results") or {})
+        if "passed" in ph:
+            lines += [f"Passed: **{_f(ph['passed'])}**", ""]
+        lines += [f"- {k}: {_f(v)}" for k, v in ph.items() if k not in OWN and v != [] and _shown(v)] + [""]
+        lines += _table(ph.get("results") or {}, "case")
+        lines += _table(ph.get("comparison") or {}, "stage")
+        lines += [f"- target {t['name']}: {_f(t['value'])} ({t['target']}): {'met' if t['met'] else 'NOT met'}"
+                  for t in ph.get("targets") or []]
         lines += [f"- skipped {key}: {why}" for key, why in (ph.get("skipped") or {}).items()]
         lines += [f"- not shown here ({key}): {why}" for key, why in (ph.get("cuda_only") or {}).items()]
         lines += [f"- {note}" for note in ph.get("notes") or []]
     return "\n".join(lines) + "\n"
-
-
-def _kernels(ph: dict, res: dict) -> list[str]:
-    if not res:
-        return []
-    lines = [f"Passed: **{_f(ph.get('passed'))}** (interpreted: {_f(ph.get('interpreted'))})", "",
-             *_head("case", "max abs diff", "tolerance", "result")]
-    for k, r in _done(res).items():
-        diff = _f(r.get("max_abs_diff"))
-        if "max_abs_diff_last_rows" in r:
-            diff = f"{diff} (last rows {_f(r['max_abs_diff_last_rows'])})"
-        elif "identical" in r:
-            diff = "identical" if r["identical"] else "DIFFERENT"
-        lines.append(f"| {k} | {diff} | {_f(r.get('tolerance'))} | {'pass' if r.get('pass') else 'FAIL'} |")
-    return lines + _errors(res)
-
-
-def _views(ph: dict, res: dict) -> list[str]:
-    if not res:
-        return []
-    lines = _head("size / method / mode", "views/s (median)", "min–max")
-    lines += [f"| {k} | {_f(r.get('median'))} | {_f(r.get('min'))}–{_f(r.get('max'))} |" for k, r in _done(res).items()]
-    lines += ["", *_head("ratio", "value")]
-    lines += [f"| {k} | {_f(v)}x |" for k, v in {**(ph.get("ratios") or {}), **(ph.get("decode_ratios") or {})}.items()]
-    lines += [f"- target {t['name']}: {_f(t['value'])} ({t['target']}): {'met' if t['met'] else 'NOT met'}"
-              for t in ph.get("targets") or []]
-    return lines + _errors(res)
-
-
-def _steps(ph: dict, res: dict) -> list[str]:
-    lines = [f"bf16 matmul peak measured: {_f((ph.get('bf16_matmul_peak_flops') or 0) / 1e12)} TFLOP/s.", ""]
-    if not res:
-        return lines
-    lines += _head("case", "images/s", "share of bf16 peak", "host syncs/step", "peak GiB", "copy / views / model ms")
-    for k, r in _done(res).items():
-        sp = r.get("split_ms") or {}
-        lines.append(f"| {k} | {_f(r.get('images_per_s'))} | {_f(100 * r.get('bf16_peak_share', 0))} % | "
-                     f"{r.get('host_syncs_per_step')} | {_f(r.get('peak_memory_gib'))} | "
-                     f"{_f(sp.get('copy'))} / {_f(sp.get('views'))} / {_f(sp.get('model'))} |")
-    lines += [f"- host syncs in {k}: {', '.join(f'{n} x {w}' for w, n in r['host_syncs'].items())}"
-              for k, r in _done(res).items() if r.get("host_syncs")]
-    return lines + _errors(res)
-
-
-def _distributed(ph: dict, res: dict) -> list[str]:
-    lines = []
-    for key, r in res.items():
-        lines.append(f"- {key}: world size {r.get('world_size')}, process group "
-                     f"{r.get('backend') or 'none (DDP at world size 1 opens none)'} "
-                     f"(option {r.get('process_group_option')}), devices {', '.join(r.get('devices') or [])}"
-                     + (f", NCCL probe {'pass' if r['nccl_probe'].get('pass') else 'FAIL'}" if "nccl_probe" in r
-                        else "") + (f"; error `{r['error']}`" if "error" in r else ""))
-        lines += [f"  - {stage}: `{run['error']}`" for stage, run in (r.get("runs") or {}).items() if "error" in run]
-    lines += ["", *_head("stage", "1 process", "2 processes (gloo)", "abs diff by step", "compared",
-                         "split identical")]
-    for stage, c in (ph.get("comparison") or {}).items():
-        if "losses_1" not in c:
-            lines.append(f"| {stage} | - | - | - | no: {c.get('reason')} | - |")
-            continue
-        verdict = (("within" if c["within"] else "OUTSIDE") + f" {_f(c['tolerance'])} (first {c['tight_steps']} "
-                   f"steps; later {_f(c['tolerance_later'])})") if c["compared"] else f"no ({c['reason']})"
-        lines.append(f"| {stage} | {', '.join(_f(v, 6) for v in c['losses_1'])} | "
-                     f"{', '.join(_f(v, 6) for v in c['losses_2'])} | {', '.join(_f(d) for d in c['abs_diff'])} | "
-                     f"{verdict} | {_f(c.get('split_identical'))} |")
-    return lines
-
-
-_SECTIONS = {"kernels": _kernels, "views": _views, "steps": _steps, "distributed": _distributed}

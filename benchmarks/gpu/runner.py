@@ -54,7 +54,6 @@ def run(quick: bool = False, device: str | None = None, out: str | None = None) 
     """Every phase in turn, DIR/gpu.json and DIR/gpu.md rewritten after each. ``quick``
     is the smoke run (CPU, whatever ``device``)."""
     from engine.fsutil import atomic_path, write_json
-
     smoke = bool(quick)
     name_ = mode(smoke)
     out_dir = Path(out or "benchmarks/results")
@@ -68,7 +67,6 @@ def run(quick: bool = False, device: str | None = None, out: str | None = None) 
               "phases": {name: {"status": "pending"} for name in PHASES}}
     if not smoke:
         import torch
-
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA device: `python -m benchmarks gpu` needs one; `--smoke` runs its CPU path")
 
@@ -78,7 +76,6 @@ def run(quick: bool = False, device: str | None = None, out: str | None = None) 
         write_json(out_dir / "gpu.json", jsonable(record))
         with atomic_path(out_dir / "gpu.md") as tmp:
             tmp.write_text(markdown(record))
-
     write()
     with tempfile.TemporaryDirectory(prefix="dbd-gpu-") as tmp:
         deadline = start

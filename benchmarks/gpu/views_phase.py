@@ -1,10 +1,7 @@
-"""Phase 2, ``views``: views/s of the fused kernels, the twin and torchvision v2, each per
-sample (one call per image) and batched (one call per batch), at 32 and 224 px, by
-``benchmarks.augment``'s own view makers and timer. First, images/s of
-``data.decode_device: cuda`` (batched nvJPEG, centre crop and resize to 256, BadNets on
-10% on the device) against the CPU path (``decode_jpeg`` on host threads, same framing
-and trigger), on 400x350 JPEGs and on 256 px ones (decode geometry), and each attack's
-device twin (``data.trigger_device``)."""
+"""Phase 2, ``views``: views/s of the fused kernels and the PyTorch twin (a call per batch)
+and torchvision v2 (per sample), by ``benchmarks.augment.measure_views``; first, images/s
+of ``data.decode_device`` (nvJPEG, framing, BadNets on the device) against the CPU path,
+and each attack's device twin (``data.trigger_device``). See docs/benchmarks.md."""
 from __future__ import annotations
 
 import os
@@ -15,170 +12,110 @@ from benchmarks.gpu.common import SIZES, Progress, device, free_memory, images, 
 from benchmarks.harness import measurement, target
 
 
-def _timed(fn, warm, reps: int, dev, count: int, unit: str, until: float | None = None, **extra) -> dict:
-    """``count`` items per call of ``fn``, in ``unit`` (after one call of ``warm``)."""
-    rates = [count / t for t in augment.time_calls(fn, warm, reps, dev, until)]
-    return {"unit": unit, **extra, **measurement(unit, rates)}
-
-
-def _jpeg_batch(n: int, height: int, width: int, seed: int) -> list:
-    """JPEG bytes of smooth random images (photo-like, so they compress as photos do)."""
-    import torch
-    import torch.nn.functional as F
-    from torchvision.io import encode_jpeg
-
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, 3, max(2, height // 16), max(2, width // 16), generator=g)
-    smooth = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
-    noise = torch.rand(n, 3, height, width, generator=g) * 0.1
-    return [encode_jpeg(img, quality=90) for img in ((smooth + noise).clamp(0, 1) * 255).to(torch.uint8)]
+def _rate(fn, reps: int, dev, count: int, **extra) -> dict:
+    """images/s of ``fn`` (``count`` images a call) over ``reps`` calls after one warm-up."""
+    return {"unit": "images/s", **extra, **measurement("images/s", [count / t for t in augment.time_calls(
+        fn, fn, reps, dev)])}
 
 
 def _decode_cases(p: Progress, dev, smoke: bool) -> None:
-    """data.decode_device: images/s of decode + framing + trigger on ``dev`` (nvJPEG on
-    CUDA) against the CPU path (decode_jpeg on host threads, the same framing and
-    trigger on the host), at source resolution and at decode geometry."""
+    """decode + framing + BadNets on ``dev`` (nvJPEG on CUDA) against decode_jpeg on host
+    threads with the same framing and trigger, from 400x350 JPEGs and from 256 px ones."""
     import numpy as np
     import torch
-
+    import torch.nn.functional as F
+    from torchvision.io import encode_jpeg
     from engine.attacks.device import device_twin
     from engine.attacks.triggers.badnets import BadNets, BadNetsConfig
     from engine.data.gpu_decode import decode_batch
-
     s = SIZES[mode(smoke)]["decode"]
-    (h, w), size, batch = s["source"], s["decode_size"], s["batch"]
+    size, batch, cpu = s["decode_size"], s["batch"], torch.device("cpu")
     twin = device_twin(BadNets.from_config(BadNetsConfig()))
     selected = torch.from_numpy(np.random.default_rng(0).random(batch) < s["poisoned"])
     threads = max(1, min(16, os.cpu_count() or 1))
-    cpu = torch.device("cpu")
-
-    def cpu_path(jpegs, pool):
-        # decode_jpeg on the CPU is one image after another: a thread per share of the batch.
-        chunks = [c for c in (list(range(k, len(jpegs), threads)) for k in range(threads)) if c]
-        parts = pool.map(lambda c: decode_batch([jpegs[i] for i in c], size=size, ratio=1.0, device=cpu), chunks)
-        out = torch.empty(len(jpegs), size, size, 3, dtype=torch.uint8)
-        for c, part in zip(chunks, parts):
-            out[c] = part
-        return twin.apply_selected(out, torch.arange(len(jpegs)), selected)
-
-    def device_path(jpegs, _):
-        out = decode_batch(jpegs, size=size, ratio=1.0, device=dev)
-        return twin.apply_selected(out, torch.arange(len(jpegs), device=dev), selected.to(dev))
-
     p.data["decode_settings"] = {**s, "cpu_threads": threads, "trigger": "badnets white3x3"}
-    with ThreadPoolExecutor(threads) as pool:
-        for label, (sh, sw) in ((f"{h}x{w}_to_{size}", (h, w)), (f"{size}_stored", (size, size))):
-            jpegs, outs = _jpeg_batch(batch, sh, sw, seed=sh), {}
-            for name, path, d in (("device", device_path, dev), ("cpu", cpu_path, cpu)):
-                def warm(name=name, path=path):  # also what the two paths' pixels are compared on
-                    outs[name] = path(jpegs, pool).cpu().int()
 
-                p.case(f"decode/{label}/{name}", lambda path=path, d=d, warm=warm: _timed(
-                    lambda: path(jpegs, pool), warm, s["reps"], d, len(jpegs), "images/s", images=len(jpegs),
-                    device=str(d)), kind="decode")
-            res = p.data["results"]
-            if len(outs) == 2 and "median" in res.get(f"decode/{label}/cpu", {}):
-                # nvJPEG against libjpeg, the same framing and trigger: pixels may differ by a level or so.
-                diff = (outs["device"] - outs["cpu"]).abs()
-                res[f"decode/{label}/cpu"].update(max_abs_diff_vs_device=int(diff.max()),
-                                                  mean_abs_diff_vs_device=float(diff.float().mean()))
-            dv, cp = (res.get(f"decode/{label}/{k}", {}).get("median") for k in ("device", "cpu"))
+    def path(jpegs, d, pool):
+        # decode_jpeg on the CPU takes one image after another: a thread per share of the batch.
+        k = len(jpegs) if d.type == "cuda" else -(-len(jpegs) // threads)
+        parts = [jpegs[i:i + k] for i in range(0, len(jpegs), k)]
+        out = torch.cat(list(pool.map(lambda c: decode_batch(c, size=size, ratio=1.0, device=d), parts)))
+        return twin.apply_selected(out, torch.arange(len(jpegs), device=d), selected.to(d))
+    with ThreadPoolExecutor(threads) as pool:
+        for h, w in (s["source"], (size, size)):
+            # Smooth random images (coarse noise upsampled), which compress as photos do.
+            g = torch.Generator().manual_seed(h)
+            smooth = F.interpolate(torch.rand(batch, 3, max(2, h // 16), max(2, w // 16), generator=g), size=(h, w),
+                                   mode="bicubic", align_corners=False) + torch.rand(batch, 3, h, w, generator=g) * 0.1
+            jpegs = [encode_jpeg(x, quality=90) for x in (smooth.clamp(0, 1) * 255).to(torch.uint8)]
+            label = f"{h}x{w}_to_{size}" if (h, w) != (size, size) else f"{size}_stored"
+            for name, d in (("device", dev), ("cpu", cpu)):
+                p.case(f"decode/{label}/{name}", lambda d=d: _rate(lambda: path(jpegs, d, pool), s["reps"], d, batch,
+                                                                   device=str(d)), kind="decode")
+            dv, cp = (p.data["results"].get(f"decode/{label}/{k}", {}).get("median") for k in ("device", "cpu"))
             if dv and cp:
                 p.data.setdefault("decode_ratios", {})[f"decode/{label}/device_vs_cpu"] = dv / cp
-            p.save()
-    _trigger_twin_cases(p, dev, size, batch, s["reps"])
+    _trigger_twins(p, dev, size, batch, s["reps"])
 
 
-def _trigger_twin_cases(p: Progress, dev, size: int, batch: int, reps: int) -> None:
-    """data.trigger_device=device: each attack's device twin on a batch of ``size`` px
-    frames, every image triggered (WaNet: half of them noise-mode), in images/s. On a GPU
-    this is what the CPU loader saves per triggered image (benchmarks loader times the
-    same twins on the CPU). The twins work in place: each call triggers the frames again
-    (the same work as on fresh frames)."""
+def _trigger_twins(p: Progress, dev, size: int, batch: int, reps: int) -> None:
+    """Each attack's device twin on ``size`` px frames, every image triggered (WaNet: half
+    of them noise-mode), in place (each call triggers the frames again, the same work)."""
     import numpy as np
     import torch
-
     from engine.attacks.device import device_twin
     from engine.attacks.triggers.badnets import BadNets, BadNetsConfig
     from engine.attacks.triggers.blended import Blended, BlendedConfig, make_pattern
     from engine.attacks.triggers.sig import SIG, SIGConfig
     from engine.attacks.triggers.wanet import WaNet, WaNetConfig
-
-    blended = BlendedConfig()
+    b, sig = BlendedConfig(), SIGConfig()
     attacks = {"badnets": BadNets.from_config(BadNetsConfig()),
-               "blended": Blended(make_pattern(blended.pattern, (size, size), blended.pattern_seed, blended.resample),
-                                  blended.alpha),
-               "sig": SIG(size, SIGConfig().delta, SIGConfig().f),
+               "blended": Blended(make_pattern(b.pattern, (size, size), b.pattern_seed, b.resample), b.alpha),
+               "sig": SIG(size, sig.delta, sig.f),
                "wanet": WaNet.build(WaNetConfig(), (size, size), noise=np.arange(batch) % 2 == 0)}
     frames = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
     frames, positions = frames.to(dev), torch.arange(batch, device=dev)
     for name, attack in attacks.items():
         twin, x = device_twin(attack), frames.clone()
-
-        def call(twin=twin, x=x):
-            twin(x, positions)
-
-        p.case(f"trigger_twin/{name}/{size}px", lambda call=call: _timed(
-            call, call, max(reps, 3), dev, batch, "images/s", images=batch, frame=size, device=str(dev)),
-            kind="decode")
-    p.save()
-
-
-def _methods(imgs, spec, n: int, fused: bool) -> dict:
-    """method/mode -> (fn making two views per image, images it handles, warm-up fn)."""
-    out = {}
-    makers = {"fused": augment.fused_views} if fused else {}
-    for name, make in {**makers, "torch_path": augment.torch_path_views}.items():
-        out[f"{name}/batched"] = (make(imgs, spec), len(imgs), None)
-        out[f"{name}/per_sample"] = (augment.per_sample(make, imgs, spec, n), n, None)
-    # torchvision has nothing to compile or specialise: a few images warm it up.
-    out["torchvision_v2/per_sample"] = (augment.torchvision_v2_views(imgs[:n], spec), n,
-                                        augment.torchvision_v2_views(imgs[:2], spec))
-    out["torchvision_v2/batched"] = (augment.torchvision_v2_batched(imgs, spec), len(imgs), None)
-    return out
+        p.case(f"trigger_twin/{name}/{size}px", lambda twin=twin, x=x: _rate(
+            lambda: twin(x, positions), max(reps, 3), dev, batch, frame=size, device=str(dev)), kind="decode")
 
 
 def run(smoke: bool, deadline: float, progress: str | None = None) -> dict:
-    """views/s: fused Triton, the PyTorch twin and torchvision v2, per sample and batched."""
+    """Decode and trigger twins, then views/s: fused Triton and the PyTorch twin batched,
+    torchvision v2 per sample (augment's convention: the reference's way)."""
     from kernels import SimCLRSpec, triton_available
-
     p = Progress(progress, deadline)
     dev = device(smoke)
     s = SIZES[mode(smoke)]["views"]
-    fused = triton_available()
-    p.data.update(device=str(dev), interpreted=os.environ.get("TRITON_INTERPRET") == "1",
-                  settings={k: v for k, v in s.items() if k != "sizes"}, sizes=s["sizes"])
+    p.data.update(device=str(dev), interpreted=os.environ.get("TRITON_INTERPRET") == "1", settings=s)
     if smoke:
         p.cuda_only("fused_speed", "needs CUDA: the fused kernels run interpreted here (TRITON_INTERPRET=1), "
                                    "so their figures time the interpreter, not the kernels")
         p.cuda_only("target", "needs CUDA: fused >= 10x torchvision v2 is a GPU target")
         p.cuda_only("decode_speed", "needs CUDA: nvJPEG; here both decode paths run on the CPU, tiny")
-    if not fused:
+    batched = {"fused": augment.fused_views} if triton_available() else {}
+    if not batched:
         p.data["notes"].append("triton is not importable: no fused figures")
     _decode_cases(p, dev, smoke)  # first: a few seconds, and figures nothing else gives
+    ratios, targets = {}, []
     for label, (source, size) in s["sizes"].items():
         spec, imgs = SimCLRSpec(size=size), images(s["batch"], source, source, dev, seed=len(label))
-        for key, (fn, n, warm) in _methods(imgs, spec, s["per_sample"], fused).items():
-            reps = s["per_sample_reps"] if key.endswith("per_sample") else s["reps"]
-            # Warm-up at the timed batch: Triton specialises the compiled kernel on it.
-            p.case(f"{label}/{key}", lambda fn=fn, n=n, warm=warm, reps=reps: _timed(
-                fn, warm or fn, reps, dev, 2 * n, "views/s", until=p.deadline, images=n))
+        for methods, x in (({**batched, "torch_path": augment.torch_path_views}, imgs),
+                           ({"torchvision_v2": augment.torchvision_v2_views}, imgs[:s["per_sample"]])):
+            for name, make in methods.items():
+                p.case(f"{label}/{name}", lambda name=name, make=make, x=x: {
+                    "unit": "views/s", **measurement("views/s", augment.measure_views(
+                        x, spec, {name: make}, s["reps"], dev, until=p.deadline)[name]["reps"]), "images": len(x)})
         del imgs
         free_memory()
-    res = p.data["results"]
-    ratios, targets = {}, []
-    for label in s["sizes"]:
-        for mode_ in ("batched", "per_sample"):
-            f = res.get(f"{label}/fused/{mode_}", {}).get("median")
-            for other in ("torch_path", "torchvision_v2"):
-                o = res.get(f"{label}/{other}/{mode_}", {}).get("median")
-                if f and o:
-                    ratios[f"{label}/{mode_}/fused_vs_{other}"] = f / o
-        # augment's convention: the fused batch against torchvision per sample (the reference way).
-        f, o = (res.get(f"{label}/{k}", {}).get("median") for k in ("fused/batched", "torchvision_v2/per_sample"))
+        f, o = (p.data["results"].get(f"{label}/{k}", {}).get("median") for k in ("fused", "torchvision_v2"))
         if f and o:
-            ratios[f"{label}/fused_batched_vs_torchvision_v2_per_sample"] = f / o
+            ratios[f"{label}/fused_vs_torchvision_v2"] = f / o
             if not smoke:
                 targets.append(target(f"fused SimCLR views vs torchvision v2 per sample at {label}", f / o, ">=", 10.0))
+        t = p.data["results"].get(f"{label}/torch_path", {}).get("median")
+        if f and t:
+            ratios[f"{label}/fused_vs_torch_path"] = f / t
     p.data.update(ratios=ratios, targets=targets)
     return p.finish()

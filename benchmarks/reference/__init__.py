@@ -1,8 +1,5 @@
-"""The DBD reference way of feeding training, re-created for side-by-side benchmarks.
-
-Not part of the engine: it exists so the benchmarks can measure the engine against
-the way the reference code (SCLBD/DBD, BackdoorBench) prepares its data.
-"""
+"""The DBD reference way of feeding training, re-created for side-by-side benchmarks (not
+part of the engine)."""
 from benchmarks.reference.pipeline import (
     BadNetsTrigger,
     InMemoryPoisonDataset,

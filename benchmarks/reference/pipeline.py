@@ -1,15 +1,7 @@
-"""How the DBD reference code feeds training, faithfully re-created.
-
-The reference (SCLBD/DBD; BackdoorBench's copy for ImageNet) keeps CIFAR-10 in memory
-as a uint8 array (torchvision.datasets.CIFAR10) or reads ImageNet JPEG files with PIL;
-``__getitem__`` applies the trigger to the sample with NumPy, turns it into a PIL
-image and runs a PIL-based ``transforms.Compose`` on it, twice for SimCLR's two views;
-a ``DataLoader`` with worker processes batches the results. Everything per sample, in
-Python, on the host CPU: that is the cost the engine's loader is measured against.
-
-The transforms are built from the engine's own view specs (``kernels.SimCLRSpec``,
-``kernels.WeakSpec``) so that both sides compute the same augmentation.
-"""
+"""How the DBD reference code (SCLBD/DBD; BackdoorBench's copy for ImageNet) feeds
+training, re-created: a Dataset that triggers each sample with NumPy and augments it with
+PIL transforms (built from the engine's own view specs, so both sides compute the same
+augmentation), batched by a DataLoader with worker processes (docs/benchmarks.md)."""
 from __future__ import annotations
 
 import abc
@@ -26,7 +18,6 @@ IMAGENET_CROP = 224
 def simclr_transform(spec):
     """The reference SimCLR view as a PIL ``transforms.Compose`` (one call = one view)."""
     import torchvision.transforms as T
-
     interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[spec.interpolation]
     return T.Compose([
         T.RandomResizedCrop(spec.size, scale=tuple(spec.scale), ratio=tuple(spec.ratio), interpolation=interp),
@@ -48,15 +39,12 @@ class MoCoBlur:
 
     def __call__(self, img):
         import random
-
         from PIL import ImageFilter
-
         return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
 
 
 def _blur(spec):
     import torchvision.transforms as T
-
     # blur_kernel_size 0 is the reference's per-sigma blur; a fixed n is torchvision's.
     if spec.blur_kernel_size == 0:
         return MoCoBlur(tuple(spec.blur_sigma))
@@ -67,9 +55,7 @@ def weak_transform(spec):
     """The stage-2/3 view: RandomCrop(padding, reflect) + flip for a ``WeakSpec``;
     RandomResizedCrop + flip (ImageNet) for a colour-free ``SimCLRSpec``."""
     import torchvision.transforms as T
-
     from kernels import WeakSpec
-
     if isinstance(spec, WeakSpec):
         crop = T.RandomCrop(spec.size, padding=spec.padding, padding_mode=spec.padding_mode)
     else:
@@ -80,7 +66,6 @@ def weak_transform(spec):
 
 class BadNetsTrigger:
     """The reference's BadNets: zero the pattern's non-zero positions, then add the pattern.
-
     ``pattern`` is a full-size uint8 HWC image, black except for the trigger (the DBD
     reference loads it from a PNG of the image's size).
     """
@@ -95,7 +80,6 @@ class BadNetsTrigger:
         # image by nearest neighbour, so both sides put the same pixels on the image.
         from engine.attacks.triggers.badnets import build_frame
         from engine.attacks.base import resample_nearest
-
         pattern, mask = build_frame("white3x3", 32, "")
         return cls(np.where(resample_nearest(mask, height, width), resample_nearest(pattern, height, width), 0))
 
@@ -107,7 +91,6 @@ class BadNetsTrigger:
 
 class _PoisonDataset(Dataset, abc.ABC):
     """Shared ``__getitem__`` logic: trigger, label, then the views.
-
     ``transform`` None returns the (triggered) uint8 HWC image as a tensor, what the
     engine's loader delivers before its device-side views; used to time the loader
     part alone.
@@ -130,7 +113,6 @@ class _PoisonDataset(Dataset, abc.ABC):
 
     def __getitem__(self, index: int):
         from PIL import Image
-
         img = self._raw(index)
         label = int(self.labels[index])
         if self.poisoned[index]:
@@ -161,14 +143,12 @@ class JPEGPoisonDataset(_PoisonDataset):
     def __init__(self, paths, labels, poisoned=None, target: int = 0, trigger=None, transform=None,
                  views: int = 1):
         import torchvision.transforms as T
-
         super().__init__(labels, poisoned, target, trigger, transform, views)
         self.paths = list(paths)
         self.frame = T.Compose([T.Resize(IMAGENET_RESIZE), T.CenterCrop(IMAGENET_CROP)])
 
     def _raw(self, index: int) -> np.ndarray:
         from PIL import Image
-
         with open(self.paths[index], "rb") as f:
             img = Image.open(f).convert("RGB")
         return np.asarray(self.frame(img))
