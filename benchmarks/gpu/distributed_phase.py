@@ -65,9 +65,12 @@ def rank(smoke: bool, group: str, probe_nccl: bool, progress: str | None = None)
     from engine.runtime.launch import init_distributed, shutdown
     s = SIZES[mode(smoke)]["distributed"]
     dev = device(smoke)
-    # fp32 without TF32 and without cuDNN's autotuning: the comparison is of arithmetic,
-    # not of which algorithm cuDNN picked for which batch size.
-    over = [f"device={dev.type}", f"distributed.process_group={group}", "distributed.tf32=false",
+    # Every stage's own tiny settings first (a new defense's stages fit the small set with
+    # no edit here), then this phase's batch sizes for the stages it compares. fp32 without
+    # TF32 and cuDNN's autotuning: the comparison is of arithmetic, not of cuDNN's choices.
+    from engine.stages import STAGES
+    over = [o for name in dist_stages() for o in STAGES[name].tiny_overrides()]
+    over += [f"device={dev.type}", f"distributed.process_group={group}", "distributed.tf32=false",
             "distributed.cudnn_benchmark=false", "distributed.timeout_s=120", "logging.progress=false",
             "attack.name=none", f"model.width={s['width']}", f"pretrain.batch_size={s['batch']}",
             f"supervised.batch_size={s['batch']}", f"linear.batch_size={s['batch']}",

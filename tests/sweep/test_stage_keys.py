@@ -30,6 +30,7 @@ EXPECTED = {
     "finetune": COMMON | {"pretrain", "linear", "finetune"},
     "finetune_labelled": COMMON | {"pretrain", "linear", "finetune_labelled"},
     "abl": COMMON | {"abl"},
+    "asd": COMMON | {"asd"},
 }
 
 

@@ -1,10 +1,13 @@
 """The no-defense baseline: plain supervised training on the poisoned set.
 
 Reference: SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128, step decay x0.1 at
-epochs 100 and 150 of 200, cross-entropy, RandomCrop(32, 4) + flip.
+epochs 100 and 150 of 200, cross-entropy, RandomCrop(32, 4) + flip. ``schedule: cosine``
+is BackdoorBench's baseline instead (CosineAnnealingLR over the epochs, stepped per
+epoch; configs/cifar10/backdoorbench/).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -29,12 +32,14 @@ class SupervisedConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    schedule: str = "step"  # step (x gamma at each milestone) | cosine (to 0 over the epochs)
     milestones: tuple[int, ...] = (100, 150)
     gamma: float = 0.1
     view: WeakViewConfig = field(default_factory=WeakViewConfig)
 
     def validate(self) -> None:
         check(self.epochs >= 1, "supervised.epochs", "must be >= 1")
+        check(self.schedule in ("step", "cosine"), "supervised.schedule", "must be step or cosine")
         self.view.validate("supervised.view")
 
 
@@ -69,7 +74,11 @@ class Supervised(ClassifierStage):
         return F.cross_entropy(logits, labels)
 
     def on_epoch_start(self, epoch: int) -> None:
-        self.backend.set_lr(lr_at(epoch, self.base_lr, self.config.milestones, self.config.gamma))
+        c = self.config
+        if c.schedule == "cosine":  # torch's CosineAnnealingLR(T_max=epochs, eta_min=0), per epoch
+            self.backend.set_lr(self.base_lr * (1 + math.cos(math.pi * epoch / c.epochs)) / 2)
+        else:
+            self.backend.set_lr(lr_at(epoch, self.base_lr, c.milestones, c.gamma))
 
     def feature_backbone(self):
         return self.backend.module.backbone
