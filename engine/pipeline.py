@@ -95,6 +95,7 @@ def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
     run_dir = Path(cfg.run_dir)
     owns_group = current() is None
     dist = init_distributed(cfg.device, cfg.distributed, cfg.runtime)
+    sinks: list = []  # live TensorBoard / W&B (rank 0), closed however the run ends
     try:
         preflight(cfg, dist.world_size, names)  # batch divisibility, DeepSpeed config: before any work
         if not cfg.stage_store:
@@ -104,7 +105,11 @@ def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
             _record_config(cfg, run_dir)
         poison = _build_poison(cfg, meta, run_dir, dist, barrier)
         data = RunData(cfg.data, meta, dist, cfg.seed, poison)
-        metrics = MetricsWriter(run_dir / METRICS, enabled=dist.is_main)
+        if dist.is_main:
+            from engine.report.live import open_sinks
+
+            sinks = open_sinks(cfg.logging, run_dir, to_dict(cfg))
+        metrics = MetricsWriter(run_dir / METRICS, enabled=dist.is_main, sinks=sinks)
         store = None
         if cfg.stage_store:
             store = StageStore(cfg.stage_store, to_dict(cfg), dataset_hash=meta.content_hash or str(
@@ -125,6 +130,8 @@ def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
                 stage = make_stage(cfg, name, run_dir=run_dir, dist=dist, data=data, metrics=metrics)
                 results[name] = Trainer(stage, logging=cfg.logging,
                                         checkpoint_every=cfg.distributed.checkpoint_every).run()
+        for sink in sinks:  # before the report, which replaces the live event files
+            sink.close()
         if dist.is_main:
             from engine.defenses import report_columns
             from engine.report.build import build_report
@@ -135,6 +142,8 @@ def run(cfg, *, stages: tuple[str, ...] | None = None) -> dict:
         barrier()
         return results
     finally:
+        for sink in sinks:
+            sink.close()
         if owns_group:
             shutdown()
 

@@ -239,6 +239,11 @@ class LoggingConfig:
     # Every scalar of metrics.jsonl also as a TensorBoard event file in <run_dir>/tensorboard/,
     # rebuilt with the report (engine/report/tensorboard.py); needs the tensorboard extra.
     tensorboard: bool = False
+    # off | offline | online: the same scalars to Weights & Biases while the run trains
+    # (engine/report/live.py; the wandb extra). Offline runs land in <run_dir>/wandb/.
+    wandb: str = "off"
+    wandb_project: str = "dbd-engine"
+    wandb_entity: str = ""  # empty: the account's default
     log_every: int = 10  # steps between metrics.jsonl step records
     # Backbone features of a 1,000-image sample saved by each stage (features.npz) for the
     # report's t-SNE map of where poisoned samples sit. The map costs seconds per stage on
@@ -247,6 +252,7 @@ class LoggingConfig:
 
     def validate(self) -> None:
         check(self.progress_interval_s > 0, "logging.progress_interval_s", "must be > 0")
+        check(self.wandb in ("off", "offline", "online"), "logging.wandb", "must be off, offline or online")
 
 
 

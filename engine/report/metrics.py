@@ -17,21 +17,24 @@ from engine.fsutil import _json_default
 
 class MetricsWriter:
     """Appends records to ``path`` and, when given, also to ``also`` (a stage-store entry
-    keeps its stage's own records: engine.stages.store)."""
+    keeps its stage's own records: engine.stages.store) and hands each to ``sinks``
+    (live TensorBoard and W&B: engine/report/live.py)."""
 
-    def __init__(self, path: str | Path, enabled: bool = True, also: str | Path | None = None, **context: Any):
+    def __init__(self, path: str | Path, enabled: bool = True, also: str | Path | None = None,
+                 sinks: tuple = (), **context: Any):
         self.path = Path(path)
         self.enabled = enabled
         self.also = Path(also) if also is not None else None
+        self.sinks = tuple(sinks)
         self.context = context
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def with_context(self, **context: Any) -> "MetricsWriter":
-        return MetricsWriter(self.path, self.enabled, self.also, **{**self.context, **context})
+        return MetricsWriter(self.path, self.enabled, self.also, self.sinks, **{**self.context, **context})
 
     def teed(self, also: str | Path) -> "MetricsWriter":
-        return MetricsWriter(self.path, self.enabled, also, **self.context)
+        return MetricsWriter(self.path, self.enabled, also, self.sinks, **self.context)
 
     def log(self, kind: str, **values: Any) -> None:
         if not self.enabled:
@@ -44,6 +47,8 @@ class MetricsWriter:
                 f.write(line + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+        for sink in self.sinks:  # after the file: a failing sink never costs a record
+            sink.write(record)
 
 
 _checked: set[str] = set()

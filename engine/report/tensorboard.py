@@ -11,6 +11,7 @@ record's ``global_step`` for step records and its ``epoch`` for per-epoch ones.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 from engine.errors import UserError
@@ -47,6 +48,8 @@ def write_events(records: list[dict], run_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("events.out.tfevents.*"):
         old.unlink()
+    # The live files the run wrote as it trained (engine/report/live.py): this file replaces them.
+    shutil.rmtree(folder / "live", ignore_errors=True)
     writer = SummaryWriter(log_dir=str(folder))
     try:
         for tag, points in scalars(records).items():
