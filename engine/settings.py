@@ -236,8 +236,9 @@ class LoggingConfig:
     # Off a terminal (a log file, Slurm output, CI) the bar is one plain line per stage
     # every this many seconds instead of carriage-return frames.
     progress_interval_s: float = 30.0
-    # Every scalar of metrics.jsonl also as a TensorBoard event file in <run_dir>/tensorboard/,
-    # rebuilt with the report (engine/report/tensorboard.py); needs the tensorboard extra.
+    # Every scalar of metrics.jsonl also as TensorBoard events in <run_dir>/tensorboard/: live
+    # while the run trains (engine/report/live.py), then one file rebuilt with the report
+    # (engine/report/tensorboard.py); needs the tensorboard extra.
     tensorboard: bool = False
     # off | offline | online: the same scalars to Weights & Biases while the run trains
     # (engine/report/live.py; the wandb extra). Offline runs land in <run_dir>/wandb/.

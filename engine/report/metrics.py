@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,18 @@ class MetricsWriter:
                 f.flush()
                 os.fsync(f.fileno())
         for sink in self.sinks:  # after the file: a failing sink never costs a record
-            sink.write(record)
+            if id(sink) in _failed_sinks:
+                continue
+            try:
+                sink.write(record)
+            except Exception as e:  # W&B offline from the network, a full disk: the run goes on
+                _failed_sinks.add(id(sink))
+                print(f"warning: {type(sink).__name__} failed ({type(e).__name__}: {e}); metrics.jsonl keeps every "
+                      "record, and no more go to it in this process", file=sys.stderr, flush=True)
 
 
 _checked: set[str] = set()
+_failed_sinks: set[int] = set()
 
 
 def _end_torn_line(path: Path) -> None:

@@ -80,3 +80,24 @@ def test_a_killed_run_resumed_logs_live_to_tensorboard_and_one_wandb_run(digits_
     rows = wandb_history(runs[-1] / f"run-{run_id}.wandb")
     logged = {row["pretrain/step/x"]: row["pretrain/step/loss"] for row in rows if "pretrain/step/loss" in row}
     assert logged == pytest.approx({s: losses[s] for s in range(4, 8)})
+
+
+def test_a_failing_sink_costs_no_record_and_is_dropped(tmp_path, capsys):
+    from engine.report.metrics import MetricsWriter, read_metrics
+
+    class Broken:
+        calls = 0
+
+        def write(self, record):
+            Broken.calls += 1
+            raise ConnectionError("no network")
+
+        def close(self):
+            pass
+
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", sinks=(Broken(),), stage="s")
+    writer.log("step", global_step=0, loss=1.0)
+    writer.with_context(epoch=0).log("step", global_step=1, loss=0.5)
+    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1.0, 0.5]
+    assert Broken.calls == 1
+    assert "Broken failed (ConnectionError: no network)" in capsys.readouterr().err
