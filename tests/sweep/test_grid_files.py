@@ -37,6 +37,7 @@ def test_defense_stages():
     assert defense_stages("none") == ("supervised",)
     assert defense_stages("dbd") == ("pretrain", "linear", "finetune")
     assert defense_stages("dbd_labelled_only") == ("pretrain", "linear", "finetune_labelled")
+    assert defense_stages("abl") == ("abl",) and defense_stages("asd") == ("asd",)
 
 
 @pytest.mark.parametrize("raw, message", [

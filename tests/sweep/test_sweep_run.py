@@ -181,3 +181,29 @@ def test_torchrun_two_processes_match_one(killed_then_finished, tmp_path, color_
     for attack in ("badnets", "blended"):
         cost = json.loads((out / "cells" / f"attack.name-{attack}" / "pretrain" / "done.json").read_text())["cost"]
         assert cost["world_size"] == 2 and cost["images"] == 3 * 64
+
+
+def test_the_four_defenses_in_one_sweep(tmp_path, color_root):
+    """``defense: [none, dbd, abl, asd]``: each cell runs its defense's stages, and the
+    leaderboard carries each defense's own column on its own rows only."""
+    tiny = {"abl": {"batch_size": 32, "isolation_epochs": 1, "finetune_epochs": 1, "unlearning_epochs": 1,
+                    "isolation_ratio": 0.1},
+            "asd": {"epochs": 2, "iterations_per_epoch": 2, "batch_size": 16, "seeds_per_class": 2,
+                    "growth_every": 1, "class_aware_until": 1, "meta_from": 1, "meta_batch_size": 32}}
+    grid = write_grid(tmp_path, color_root, {"attack.name": ["badnets"], "defense": ["none", "dbd", "abl", "asd"]},
+                      **tiny)
+    out = tmp_path / "out"
+    proc = dbd("sweep", grid, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["defense"]: r for r in csv.DictReader((out / "leaderboard.csv").open())}
+    assert set(rows) == {"none", "dbd", "abl", "asd"} and all(r["status"] == "done" for r in rows.values())
+    own = {"dbd": "poisoned_share", "abl": "isolated_precision", "asd": "clean_pool_poisoned_share"}
+    for defense, row in rows.items():
+        for d, column in own.items():
+            assert (row[column] != "") == (d == defense), (defense, column, row[column])
+        if defense != "none":
+            assert row["BA_drop"] != "" and float(row["wall_seconds"]) > 0
+    index = json.loads((out / "cells.json").read_text())
+    stages = {c["defense"]: c["stages"] for c in index["cells"]}
+    assert stages == {"none": ["supervised"], "dbd": ["pretrain", "linear", "finetune"], "abl": ["abl"],
+                      "asd": ["asd"]}
