@@ -3,7 +3,9 @@
 - ``none/``: the no-defense baseline (``supervised``), the row every defense is measured
   against;
 - ``dbd/``: DBD (SimCLR ``pretrain``, the ``linear`` SCE head, the ``split`` and the
-  MixMatch ``finetune``; ``finetune_labelled``, its labelled-only ablation).
+  MixMatch ``finetune``; ``finetune_labelled``, its labelled-only ablation);
+- ``abl/``: ABL in one stage (``abl``: isolation, the isolated set, fine-tuning, ascent);
+- ``asd/``: ASD in one stage (``asd``: DBD's MixMatch step on pools re-drawn every epoch).
 
 Importing this package imports every module of every defense folder, and each ``Stage``
 subclass with a ``name`` registers itself in ``engine.stages.base.STAGES``: a new

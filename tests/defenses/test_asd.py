@@ -213,25 +213,27 @@ def _pool_records(run_dir: Path) -> dict[int, tuple]:
     return out
 
 
-def test_killed_in_the_class_aware_rule_then_resumed_draws_the_same_pools(digits_root, tmp_path):
+def test_killed_in_the_class_aware_rule_then_resumed_draws_the_same_pools(color_root, tmp_path):
     from tests.runtime.helpers import check, dbd_cmd, max_weight_diff, run, write_config
 
-    changes = {"stages": ["asd"], "attack": {"name": "badnets", "target": 0, "ratio": 0.1, "select_from": "all",
-                                             "badnets": {"pattern": "white3x3"}},
-               "asd": {"epochs": 4, "iterations_per_epoch": 3, "batch_size": 16, "seeds_per_class": 5,
-                       "growth_every": 1, "class_aware_until": 3, "meta_from": 3}}
-    whole = write_config(tmp_path, digits_root, "whole", **changes)
+    changes = {"stages": ["asd"], "data": {"name": "cifar10", "root": str(color_root), "num_workers": 1},
+               "attack": {"name": "badnets", "target": 0, "ratio": 0.1, "select_from": "all",
+                          "badnets": {"pattern": "white3x3"}},
+               "asd": {"epochs": 4, "iterations_per_epoch": 3, "batch_size": 16, "seeds_per_class": 2,
+                       "growth": 5, "growth_every": 1, "class_aware_until": 3, "meta_from": 3,
+                       "meta_batch_size": 32}}
+    whole = write_config(tmp_path, color_root, "whole", **changes)
     check(run(dbd_cmd(whole)))
-    killed = write_config(tmp_path, digits_root, "killed", **changes)
+    killed = write_config(tmp_path, color_root, "killed", **changes)
     # 3 steps an epoch, a checkpoint every 2: the kill before global step 5 leaves the one
-    # after step 4, inside epoch 1 (class-aware, 5 + 10 per class).
+    # after step 4, inside epoch 1 (class-aware: 2 seeds + 5 per class).
     first = run(dbd_cmd(killed), DBD_FAULT_EXIT_AT_STEP="5:0:kill")
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     second = check(run(dbd_cmd(killed)))
     assert "resuming from" in second.stdout
     got, want = _pool_records(tmp_path / "run-killed"), _pool_records(tmp_path / "run-whole")
-    assert sorted(want) == [0, 1, 2, 3]
-    assert [want[e][1] for e in (0, 1, 2)] == [50, 150, 250]  # the growth did not restart at the resume
+    assert sorted(want) == [0, 1, 2, 3] and want[3][0] == "meta"
+    assert [want[e][1] for e in (0, 1, 2)] == [20, 70, 120]  # the growth did not restart at the resume
     assert got == want
     a, b = (torch.load(tmp_path / f"run-{n}" / "asd" / "model.pt", weights_only=True) for n in ("whole", "killed"))
     assert max_weight_diff(a, b) < 1e-6

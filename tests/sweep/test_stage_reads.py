@@ -169,7 +169,13 @@ def tiny_config(root: Path, run_dir: Path, **changes):
               # that its second split swaps the loaders' subsets).
               "supervised.iterations_per_epoch": 2, "pretrain.iterations_per_epoch": 2,
               "pretrain.batch_size": 32, "linear.epochs": 1, "linear.iterations_per_epoch": 2,
-              "finetune_labelled.epochs": 1, "finetune_labelled.batch_size": 50, **changes}
+              "finetune_labelled.epochs": 1, "finetune_labelled.batch_size": 50,
+              # ABL: one epoch of each phase; ASD: a class-aware epoch, then a meta-split one.
+              "abl.batch_size": 32, "abl.isolation_epochs": 1, "abl.finetune_epochs": 1,
+              "abl.unlearning_epochs": 1, "abl.isolation_ratio": 0.1,
+              "asd.epochs": 2, "asd.iterations_per_epoch": 2, "asd.batch_size": 16, "asd.seeds_per_class": 2,
+              "asd.growth_every": 1, "asd.class_aware_until": 1, "asd.meta_from": 1, "asd.meta_batch_size": 32,
+              **changes}
     return load_config(None, values=values)
 
 
@@ -234,7 +240,7 @@ def test_recording_config_behaves_like_the_config():
 
 
 def test_every_stage_reads_only_what_its_key_holds(run_recorded, tmp_path, color_root):
-    chain = ("pretrain", "linear", "finetune", "finetune_labelled", "supervised")
+    chain = ("pretrain", "linear", "finetune", "finetune_labelled", "supervised", "abl", "asd")
     rec = run_recorded(tiny_config(color_root, tmp_path / "badnets"), chain)
     assert not problems(rec), "\n".join(problems(rec))
 
@@ -247,6 +253,8 @@ def test_every_stage_reads_only_what_its_key_holds(run_recorded, tmp_path, color
         assert {"data.mean", "distributed.batch_semantics", "seed", "precision"} <= reads, (stage, sorted(reads))
     assert "distributed.checkpoint_every" in rec.stage_reads("supervised")
     assert {"finetune.epsilon", "finetune.view.padding"} <= rec.stage_reads("finetune")
+    assert {"abl.isolation_ratio", "abl.cutout", "abl.unlearning_lr"} <= rec.stage_reads("abl")
+    assert {"asd.seeds", "asd.meta_lr", "asd.meta_params"} <= rec.stage_reads("asd")
     assert any(k.startswith("attack.badnets.") for k in rec.reads[PIPELINE])
     assert not any(k.startswith("attack.blended.") for k in rec.reads[PIPELINE])
 
