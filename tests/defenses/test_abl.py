@@ -2,15 +2,12 @@
 the presets, 1 against 2 real (gloo) processes, and a killed run resumed."""
 from __future__ import annotations
 
-import os
 import signal
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from engine.config import load_config
@@ -18,6 +15,7 @@ from engine.defenses.abl.batches import epoch_order, global_steps, rank_pieces, 
 from engine.defenses.abl.cutout import cutout
 from engine.defenses.abl.loss import floor_sign, floored_loss
 from engine.defenses.abl.stage import ISOLATED, PRESETS
+from tests.gloo import run_ranks
 
 
 # --------------------------------------------------------------------------- the loss
@@ -224,22 +222,11 @@ def test_state_survives_a_checkpoint(color_root, tmp_path):
     np.testing.assert_array_equal(again.isolated, stage.isolated)
 
 
-def _worker(rank, world, port, root, run_dir, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _, _, stage = _stage(Path(root), Path(run_dir), rank, world)
-        isolated = stage.isolate(1)
-        if rank == 0:
-            np.save(out, isolated)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, world, root, run_dir, out):
+    _, _, stage = _stage(Path(root), Path(run_dir), rank, world)
+    isolated = stage.isolate(1)
+    if rank == 0:
+        np.save(out, isolated)
 
 
 def test_isolation_identical_in_one_and_two_processes(color_root, tmp_path):
@@ -248,8 +235,7 @@ def test_isolation_identical_in_one_and_two_processes(color_root, tmp_path):
     out = tmp_path / "two.npy"
     (tmp_path / "two").mkdir()
     _stage(color_root, tmp_path / "two")  # the poison plan is drawn once; both ranks load it
-    mp.start_processes(_worker, args=(2, _free_port(), str(color_root), str(tmp_path / "two"), str(out)),
-                       nprocs=2, join=True, start_method="spawn")
+    run_ranks(_worker, 2, str(color_root), str(tmp_path / "two"), str(out))
     np.testing.assert_array_equal(np.load(out), single)
 
 

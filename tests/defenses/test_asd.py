@@ -3,20 +3,18 @@ meta-split's virtual model, 1 against 2 real (gloo) processes, and a killed run 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from engine.config import load_config
 from engine.defenses.asd.meta import virtual_update
 from engine.defenses.asd.pools import class_aware_pool, lowest_share, oracle_seeds, per_class_at, trusted_seeds
 from engine.errors import UserError
+from tests.gloo import run_ranks
 
 
 # --------------------------------------------------------------------------- the rules
@@ -168,21 +166,10 @@ def test_the_stage_draws_each_rule_and_keeps_the_real_model(color_root, tmp_path
         assert torch.equal(v, before[k]), k
 
 
-def _worker(rank, world, port, root, run_dir, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        pools = _pools(_stage(Path(root), Path(run_dir), rank, world))
-        if rank == 0:
-            np.savez(out, **{str(e): p for e, p in pools.items()})
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, world, root, run_dir, out):
+    pools = _pools(_stage(Path(root), Path(run_dir), rank, world))
+    if rank == 0:
+        np.savez(out, **{str(e): p for e, p in pools.items()})
 
 
 def test_pools_identical_in_one_and_two_processes(color_root, tmp_path):
@@ -190,8 +177,7 @@ def test_pools_identical_in_one_and_two_processes(color_root, tmp_path):
     out = tmp_path / "two.npz"
     (tmp_path / "two").mkdir()
     _stage(color_root, tmp_path / "two")  # the poison plan is drawn once; both ranks load it
-    mp.start_processes(_worker, args=(2, _free_port(), str(color_root), str(tmp_path / "two"), str(out)),
-                       nprocs=2, join=True, start_method="spawn")
+    run_ranks(_worker, 2, str(color_root), str(tmp_path / "two"), str(out))
     two = np.load(out)
     # The records are world-size invariant, so the loss-ranked pools are equal.
     for e in (1, 2):

@@ -2,20 +2,18 @@
 in one process and in two real (gloo) processes."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from engine.config import load_config
 from engine.data.prepare import prepare
 from engine.defenses.dbd.split import Split, rank_batches, select_lowest
 from tests.builders import PALETTE, write_color_cifar
+from tests.gloo import run_ranks
 
 
 class PaletteOracle(nn.Module):
@@ -85,21 +83,10 @@ def test_planted_split_finds_every_poisoned_sample(color_root, tmp_path):
     assert set(np.flatnonzero(poisoned)) == set(order[-n_p:])
 
 
-def _worker(rank, world, port, root, run_dir, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _, split = split_once(Path(root), Path(run_dir), rank, world)
-        if rank == 0:
-            np.savez(out, labelled=split.labelled, losses=split.losses)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, world, root, run_dir, out):
+    _, split = split_once(Path(root), Path(run_dir), rank, world)
+    if rank == 0:
+        np.savez(out, labelled=split.labelled, losses=split.losses)
 
 
 def test_split_identical_in_one_and_two_processes(color_root, tmp_path):
@@ -108,8 +95,7 @@ def test_split_identical_in_one_and_two_processes(color_root, tmp_path):
     (tmp_path / "two").mkdir()
     # The plan file is drawn once; both ranks load it (as the pipeline arranges).
     make_data(color_root, tmp_path / "two")
-    mp.start_processes(_worker, args=(2, _free_port(), str(color_root), str(tmp_path / "two"), str(out)),
-                       nprocs=2, join=True, start_method="spawn")
+    run_ranks(_worker, 2, str(color_root), str(tmp_path / "two"), str(out))
     two = np.load(out)
     np.testing.assert_array_equal(two["labelled"], single.labelled)
     np.testing.assert_allclose(two["losses"], single.losses, rtol=0, atol=1e-6)

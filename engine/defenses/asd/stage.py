@@ -159,13 +159,7 @@ class ASD(Finetune):
             if len(part) < self.global_batch:
                 raise UserError(f"asd: the {part_name} holds {len(part)} samples at epoch {epoch}, fewer than one "
                                 f"global batch ({self.global_batch}); lower asd.batch_size")
-        data = self.env.data
-        if self.labelled_loader is None:
-            self.labelled_loader = data.train_loader(self.per_rank, indices=labelled, stream="asd_labelled")
-            self.unlabelled_loader = data.train_loader(self.per_rank, indices=unlabelled, stream="asd_unlabelled")
-        else:  # a swap of subsets, not a rebuild (a rebuild recompiles the loader)
-            data.set_subset(self.labelled_loader, labelled)
-            data.set_subset(self.unlabelled_loader, unlabelled)
+        self.point_loaders(labelled, unlabelled, stream="asd")
 
     def draw_pool(self, epoch: int, module: torch.nn.Module) -> np.ndarray:
         """The clean pool for ``epoch`` from ``module``'s record; logs its quality."""

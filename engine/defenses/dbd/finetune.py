@@ -159,11 +159,17 @@ class Finetune(Stage):
                 raise UserError(f"{self.name}: the {part_name} part of the split has {len(part)} samples, fewer "
                                 f"than one global batch ({self.global_batch}); lower {self.name}.batch_size or "
                                 f"change {self.name}.epsilon ({self.config.epsilon})")
-        # The loaders are built once; each epoch only swaps their subsets (a rebuild recompiles).
+        self.point_loaders(labelled, unlabelled, stream="mixmatch")
+
+    def point_loaders(self, labelled, unlabelled, stream: str) -> None:
+        """MixMatch's two loaders on this epoch's parts: built at the first call (orders
+        ``order/<stream>_labelled`` and ``_unlabelled``), then only their subsets swapped (a
+        rebuild recompiles the loader)."""
         data = self.env.data
         if self.labelled_loader is None:
-            self.labelled_loader = data.train_loader(self.per_rank, indices=labelled, stream="mixmatch_labelled")
-            self.unlabelled_loader = data.train_loader(self.per_rank, indices=unlabelled, stream="mixmatch_unlabelled")
+            self.labelled_loader = data.train_loader(self.per_rank, indices=labelled, stream=f"{stream}_labelled")
+            self.unlabelled_loader = data.train_loader(self.per_rank, indices=unlabelled,
+                                                       stream=f"{stream}_unlabelled")
         else:
             data.set_subset(self.labelled_loader, labelled)
             data.set_subset(self.unlabelled_loader, unlabelled)
