@@ -51,7 +51,7 @@ $(STAMP): constraints.txt pyproject.toml | sysdeps
 	# torch first, alone: the pinned build comes from the local cache in under a minute
 	$(PIP) install -q -c constraints.txt torch torchvision
 	$(PIP) install -q -c constraints.txt numpy cython
-	$(PIP) install -q -c constraints.txt -e '.[test,bench]'
+	$(PIP) install -q -c constraints.txt -e '.[test]'
 	@rm -f $(VENV)/.installed-*; touch $@
 
 demo: setup

@@ -11,7 +11,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import tempfile
 import threading
 import time
 import traceback
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
@@ -99,25 +99,18 @@ def pin_torch_threads(n: int | None) -> int:
 # --------------------------------------------------------------------------- child processes
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_child(target_fn: str, kwargs: dict, *, timeout: float, world: int = 0, threads: int = 0,
               env: dict[str, str] | None = None):
     """``module:function(**kwargs)`` in a fresh interpreter; its (rank 0's) return value.
     ``world`` > 0 starts that many ranks, which find each other through the env://
     variables the engine reads. Each child runs in its own session, so a timeout stops it
     and whatever it started. ``env``: extra variables for the child alone."""
+    from engine.runtime.launch import free_port
     with tempfile.TemporaryDirectory(prefix="dbd-bench-child-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({"target": target_fn, "kwargs": kwargs, "out": str(out)}))
         base = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        if threads:
-            base["OMP_NUM_THREADS"] = str(threads)
-        base.update(env or {})
+        base.update({"OMP_NUM_THREADS": str(threads)} if threads else {}, **(env or {}))
         if world:
             base.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
             base.pop("TORCHELASTIC_RUN_ID", None)
@@ -154,11 +147,9 @@ def _relay(stream, out) -> None:
     for line in iter(lambda: stream.readline().decode(errors="replace"), ""):
         if held or line.startswith("Exception ignored in: <finalize object"):
             held.append(line)
-            if line.startswith((" ", "\t", "Traceback", "Exception ignored")):
-                continue
-            if not line.startswith("KeyError"):
-                out.write("".join(held))
-            held = []
+            if not line.startswith((" ", "\t", "Traceback", "Exception ignored")):
+                out.write("" if line.startswith("KeyError") else "".join(held))
+                held = []
         elif "Unable to join threads to shut down before fork()" not in line:
             out.write(line)
             out.flush()
@@ -182,17 +173,6 @@ def _child_main(job_path: str) -> int:
 # --------------------------------------------------------------------------- environment and output
 
 
-def git_commit() -> str:
-    """The checkout's commit (``+dirty`` with uncommitted changes); ``unknown`` outside git."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-    try:
-        head = git("rev-parse", "HEAD")
-        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "") if head else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -201,28 +181,22 @@ def load_average() -> list[float] | None:
 
 
 def environment() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    import numpy
+    """Where the figures were measured: the machine, its load, the libraries, the commit."""
     import torch
+    from engine.runtime.cost import commit, device_name
     cuda = torch.cuda.is_available()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.lower().startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": platform.node(), "platform": platform.platform(), "arch": platform.machine(), "cpu_model": cpu,
-           "cpu_count": os.cpu_count(),
-           "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+           "machine": platform.node(), "platform": platform.platform(), "cpu_model": device_name("cpu"),
+           "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
            "load_average_1_5_15": load_average(), "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "cuda": torch.version.cuda if cuda else None, "gpu_count": torch.cuda.device_count() if cuda else 0,
-           "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-    for dist in ("torchvision", "ffcv", "numba", "kornia", "deepspeed", "pillow"):
+           "python": platform.python_version(), "torch": torch.__version__, "commit": commit()}
+    for dist in ("numpy", "torchvision", "ffcv", "numba", "deepspeed", "pillow"):
         try:
             env[dist] = version(dist)
         except PackageNotFoundError:
             env[dist] = None
-    return {**env, "commit": git_commit()}
+    return env
 
 
 def jsonable(obj):

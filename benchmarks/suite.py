@@ -39,15 +39,13 @@ class Benchmark:
 REGISTRY: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("loader", "images/s delivered to the training loop: engine loader + device views vs the reference "
               "DataLoader; trigger cost per attack", full_limit_s=1200),
-    Benchmark("augment", "view kernels: fused / PyTorch path / torchvision v2 / kornia / PIL at 32 and 224 px"),
-    Benchmark("step", "training images/s of the real stages per backend and precision; data wait, views and model "
-              "shares of a step; the model step per world size, with its weak-scaling efficiency",
-              quick_limit_s=420, full_limit_s=1800),
+    Benchmark("augment", "view kernels: fused / PyTorch path / torchvision v2 / PIL at 32 and 224 px"),
+    Benchmark("step", "training images/s of the real stages per backend, precision and (SimCLR) torch.compile; "
+              "data wait, views and model shares of a step", quick_limit_s=420, full_limit_s=1800),
     Benchmark("end_to_end", "one epoch per DBD stage: engine loader vs the reference DataLoader feeding the same "
               "stage", full_limit_s=1200),
-    Benchmark("flops", "ResNet-18/50 FLOPs per image, forward and forward+backward"),
     # 540 s: the device machine's 10-minute limit, less start-up; the check itself plans
-    # for at most 8 minutes (benchmarks/gpu/common.py, CAPS).
+    # for at most 8 minutes (benchmarks/gpu/plan.yaml, caps).
     Benchmark("gpu", "the prepared one-GPU check: Triton kernels against the PyTorch twin, view timing, real "
               "SimCLR/MixMatch steps (CIFAR and ImageNet size, bf16/fp32), NCCL and 2-process gloo "
               "(--smoke: its CPU path)", quick_limit_s=300, full_limit_s=540, default=False, isolate=False),

@@ -1,70 +1,64 @@
-"""Phase 2, ``views``: views/s of the fused kernels and the PyTorch twin (a call per batch)
-and torchvision v2 (per sample), by ``benchmarks.augment.measure_views``; first, images/s
-of ``data.decode_device`` (nvJPEG, framing, BadNets on the device) against the CPU path,
-and each attack's device twin (``data.trigger_device``). See docs/benchmarks.md."""
+"""Phase 2, ``views``: images/s of ``data.decode_device`` (nvJPEG, framing and BadNets on
+the device) against the CPU path, and of each attack's device twin; then views/s of the
+fused kernels, the PyTorch twin and torchvision v2 by ``benchmarks.augment``'s timing."""
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 from benchmarks import augment
-from benchmarks.gpu.common import SIZES, Progress, device, free_memory, images, mode
+from benchmarks.gpu.data import images
+from benchmarks.gpu.plan import SIZES, cuda_only, device, mode
+from benchmarks.gpu.progress import Progress, free_memory
 from benchmarks.harness import measurement, target
+from engine.attacks.device import device_twin
+from engine.attacks.triggers.badnets import BadNets, BadNetsConfig
 
 
-def _rate(fn, reps: int, dev, count: int, **extra) -> dict:
-    """images/s of ``fn`` (``count`` images a call) over ``reps`` calls after one warm-up."""
-    return {"unit": "images/s", **extra, **measurement("images/s", [count / t for t in augment.time_calls(
-        fn, fn, reps, dev)])}
+def rate(fn, reps: int, dev, count: int, **extra) -> dict:
+    """images/s of ``fn`` (``count`` images a call) over ``reps`` calls after one warm-up call."""
+    return measurement("images/s", [count / t for t in augment.time_calls(fn, fn, reps, dev)], **extra)
 
 
-def _decode_cases(p: Progress, dev, smoke: bool) -> None:
-    """decode + framing + BadNets on ``dev`` (nvJPEG on CUDA) against decode_jpeg on host
-    threads with the same framing and trigger, from 400x350 JPEGs and from 256 px ones."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
+def photo_like_jpegs(batch: int, h: int, w: int) -> list:
+    """Coarse noise upsampled, plus a little fine noise: compresses as photos do."""
     from torchvision.io import encode_jpeg
-    from engine.attacks.device import device_twin
-    from engine.attacks.triggers.badnets import BadNets, BadNetsConfig
+    g = torch.Generator().manual_seed(h)
+    coarse = torch.rand(batch, 3, max(2, h // 16), max(2, w // 16), generator=g)
+    x = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+    x += torch.rand(batch, 3, h, w, generator=g) / 10
+    return [encode_jpeg(im, quality=90) for im in (x.clamp(0, 1) * 255).to(torch.uint8)]
+
+
+def decode_cases(p: Progress, dev, s: dict) -> None:
+    """Decode, framing and BadNets on ``dev`` against decode_jpeg on host threads, which
+    takes one image after another: a thread per share of the batch."""
     from engine.data.gpu_decode import decode_batch
-    s = SIZES[mode(smoke)]["decode"]
-    size, batch, cpu = s["decode_size"], s["batch"], torch.device("cpu")
+    size, batch, threads = s["decode_size"], s["batch"], max(1, min(16, os.cpu_count() or 1))
     twin = device_twin(BadNets.from_config(BadNetsConfig()))
     selected = torch.from_numpy(np.random.default_rng(0).random(batch) < s["poisoned"])
-    threads = max(1, min(16, os.cpu_count() or 1))
     p.data["decode_settings"] = {**s, "cpu_threads": threads, "trigger": "badnets white3x3"}
 
-    def path(jpegs, d, pool):
-        # decode_jpeg on the CPU takes one image after another: a thread per share of the batch.
+    def decode(jpegs, d, pool):
         k = len(jpegs) if d.type == "cuda" else -(-len(jpegs) // threads)
-        parts = [jpegs[i:i + k] for i in range(0, len(jpegs), k)]
-        out = torch.cat(list(pool.map(lambda c: decode_batch(c, size=size, ratio=1.0, device=d), parts)))
-        return twin.apply_selected(out, torch.arange(len(jpegs), device=d), selected.to(d))
+        parts = pool.map(lambda i: decode_batch(jpegs[i:i + k], size=size, ratio=1.0, device=d), range(0, batch, k))
+        return twin.apply_selected(torch.cat(list(parts)), torch.arange(len(jpegs), device=d), selected.to(d))
     with ThreadPoolExecutor(threads) as pool:
         for h, w in (s["source"], (size, size)):
-            # Smooth random images (coarse noise upsampled), which compress as photos do.
-            g = torch.Generator().manual_seed(h)
-            smooth = F.interpolate(torch.rand(batch, 3, max(2, h // 16), max(2, w // 16), generator=g), size=(h, w),
-                                   mode="bicubic", align_corners=False) + torch.rand(batch, 3, h, w, generator=g) * 0.1
-            jpegs = [encode_jpeg(x, quality=90) for x in (smooth.clamp(0, 1) * 255).to(torch.uint8)]
             label = f"{h}x{w}_to_{size}" if (h, w) != (size, size) else f"{size}_stored"
-            for name, d in (("device", dev), ("cpu", cpu)):
-                p.case(f"decode/{label}/{name}", lambda d=d: _rate(lambda: path(jpegs, d, pool), s["reps"], d, batch,
-                                                                   device=str(d)), kind="decode")
-            dv, cp = (p.data["results"].get(f"decode/{label}/{k}", {}).get("median") for k in ("device", "cpu"))
-            if dv and cp:
-                p.data.setdefault("decode_ratios", {})[f"decode/{label}/device_vs_cpu"] = dv / cp
-    _trigger_twins(p, dev, size, batch, s["reps"])
+            jpegs = photo_like_jpegs(batch, h, w)
+            for where, d in (("device", dev), ("cpu", torch.device("cpu"))):
+                p.case(f"decode/{label}/{where}", lambda d=d, jpegs=jpegs: rate(
+                    lambda: decode(jpegs, d, pool), s["reps"], d, batch, device=str(d)), kind="decode")
 
 
-def _trigger_twins(p: Progress, dev, size: int, batch: int, reps: int) -> None:
-    """Each attack's device twin on ``size`` px frames, every image triggered (WaNet: half
-    of them noise-mode), in place (each call triggers the frames again, the same work)."""
-    import numpy as np
-    import torch
-    from engine.attacks.device import device_twin
-    from engine.attacks.triggers.badnets import BadNets, BadNetsConfig
+def trigger_twin_cases(p: Progress, dev, size: int, batch: int, reps: int) -> None:
+    """Each attack's device twin on ``size`` px frames, every one triggered (WaNet: half in
+    noise mode), in place: each call triggers the frames again, the same work."""
     from engine.attacks.triggers.blended import Blended, BlendedConfig, make_pattern
     from engine.attacks.triggers.sig import SIG, SIGConfig
     from engine.attacks.triggers.wanet import WaNet, WaNetConfig
@@ -77,45 +71,42 @@ def _trigger_twins(p: Progress, dev, size: int, batch: int, reps: int) -> None:
     frames, positions = frames.to(dev), torch.arange(batch, device=dev)
     for name, attack in attacks.items():
         twin, x = device_twin(attack), frames.clone()
-        p.case(f"trigger_twin/{name}/{size}px", lambda twin=twin, x=x: _rate(
+        p.case(f"trigger_twin/{name}/{size}px", lambda twin=twin, x=x: rate(
             lambda: twin(x, positions), max(reps, 3), dev, batch, frame=size, device=str(dev)), kind="decode")
 
 
+def view_cases(p: Progress, dev, s: dict, label: str, source: int, size: int) -> None:
+    """The fused kernels and the twin a call per batch, torchvision v2 a call per sample
+    (``benchmarks augment``'s convention: the reference's way)."""
+    from kernels import SimCLRSpec
+    spec, imgs = SimCLRSpec(size=size), images(s["batch"], source, source, dev, seed=len(label))
+    methods = dict(fused=(augment.fused_views, imgs), torch_path=(augment.torch_path_views, imgs),
+                   torchvision_v2=(augment.torchvision_v2_views, imgs[:s["per_sample"]]))
+    for name, (make, x) in methods.items():
+        p.case(f"{label}/{name}", lambda name=name, make=make, x=x: measurement("views/s", augment.measure_views(
+            x, spec, {name: make}, s["reps"], dev, until=p.deadline)[name]["reps"], images=len(x)))
+    del imgs, methods
+    free_memory()
+
+
+def ratios(results: dict) -> dict:
+    """Fused against the other view methods, the device decode against the CPU's."""
+    median = {k: r.get("median") for k, r in results.items() if isinstance(r, dict)}
+    pairs = [(k, k.replace("/fused", f"/{other}")) for k in median if k.endswith("/fused")
+             for other in ("torchvision_v2", "torch_path")]
+    pairs += [(k, k.replace("/device", "/cpu")) for k in median if k.startswith("decode/") and k.endswith("/device")]
+    return {f"{a}_vs_{b.split('/')[-1]}": median[a] / median[b] for a, b in pairs if median[a] and median.get(b)}
+
+
 def run(smoke: bool, deadline: float, progress: str | None = None) -> dict:
-    """Decode and trigger twins, then views/s: fused Triton and the PyTorch twin batched,
-    torchvision v2 per sample (augment's convention: the reference's way)."""
-    from kernels import SimCLRSpec, triton_available
-    p = Progress(progress, deadline)
-    dev = device(smoke)
-    s = SIZES[mode(smoke)]["views"]
+    p, dev = Progress(progress, deadline, cuda_only("views", smoke)), device(smoke)
+    s, decode = SIZES[mode(smoke)]["views"], SIZES[mode(smoke)]["decode"]
     p.data.update(device=str(dev), interpreted=os.environ.get("TRITON_INTERPRET") == "1", settings=s)
-    if smoke:
-        p.cuda_only("fused_speed", "needs CUDA: the fused kernels run interpreted here (TRITON_INTERPRET=1), "
-                                   "so their figures time the interpreter, not the kernels")
-        p.cuda_only("target", "needs CUDA: fused >= 10x torchvision v2 is a GPU target")
-        p.cuda_only("decode_speed", "needs CUDA: nvJPEG; here both decode paths run on the CPU, tiny")
-    batched = {"fused": augment.fused_views} if triton_available() else {}
-    if not batched:
-        p.data["notes"].append("triton is not importable: no fused figures")
-    _decode_cases(p, dev, smoke)  # first: a few seconds, and figures nothing else gives
-    ratios, targets = {}, []
+    decode_cases(p, dev, decode)  # first: a few seconds, and figures nothing else gives
+    trigger_twin_cases(p, dev, decode["decode_size"], decode["batch"], decode["reps"])
     for label, (source, size) in s["sizes"].items():
-        spec, imgs = SimCLRSpec(size=size), images(s["batch"], source, source, dev, seed=len(label))
-        for methods, x in (({**batched, "torch_path": augment.torch_path_views}, imgs),
-                           ({"torchvision_v2": augment.torchvision_v2_views}, imgs[:s["per_sample"]])):
-            for name, make in methods.items():
-                p.case(f"{label}/{name}", lambda name=name, make=make, x=x: {
-                    "unit": "views/s", **measurement("views/s", augment.measure_views(
-                        x, spec, {name: make}, s["reps"], dev, until=p.deadline)[name]["reps"]), "images": len(x)})
-        del imgs
-        free_memory()
-        f, o = (p.data["results"].get(f"{label}/{k}", {}).get("median") for k in ("fused", "torchvision_v2"))
-        if f and o:
-            ratios[f"{label}/fused_vs_torchvision_v2"] = f / o
-            if not smoke:
-                targets.append(target(f"fused SimCLR views vs torchvision v2 per sample at {label}", f / o, ">=", 10.0))
-        t = p.data["results"].get(f"{label}/torch_path", {}).get("median")
-        if f and t:
-            ratios[f"{label}/fused_vs_torch_path"] = f / t
-    p.data.update(ratios=ratios, targets=targets)
+        view_cases(p, dev, s, label, source, size)
+    p.data["ratios"] = ratios(p.data["results"])
+    p.data["targets"] = [] if smoke else [target(f"fused SimCLR views vs torchvision v2 per sample at {key}", r, ">=",
+                                                 10.0) for key, r in p.data["ratios"].items() if key.endswith("_v2")]
     return p.finish()

@@ -114,7 +114,8 @@ def _from_env(launcher: str) -> _Env:
                 os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), layout.local_world_size)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -144,7 +145,7 @@ def _from_mpi() -> _Env:
     addr = port = None
     if rank == 0:
         addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_host else _routable_address())
-        port = os.environ.get("MASTER_PORT") or str(_free_port())
+        port = os.environ.get("MASTER_PORT") or str(free_port())
     addr, port = world.bcast((addr, port), root=0)
     return _Env("mpi", rank, size, local_rank, addr, port, local_size)
 

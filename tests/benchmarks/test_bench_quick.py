@@ -97,8 +97,9 @@ def test_benchmark_specific_figures(quick_run):
     assert "cifar32/simclr/poisoned" in loader["comparisons"] and "cifar32/weak/poisoned" in loader["comparisons"]
     assert loader["measurements"]["imagenet224/deliveries_per_sample"]["median"] == 1.0
     assert {t["name"] for t in loader["targets"]}
-    assert set(loader["trigger_by_attack"]["ratio_per_attack"]) == {"badnets", "blended", "wanet"}
-    assert "trigger/wanet/loader_only" in loader["measurements"]
+    assert set(loader["trigger_by_attack"]["cifar32"]["overhead"]) == {"badnets", "blended", "wanet"}
+    assert "trigger/cifar32/wanet/loader_only" in loader["measurements"]
+    assert "imagenet224/loader_only/clean" in loader["comparisons"]  # the reference as a side of loader vs decode
     step = records["step"]
     for stage in ("simclr", "linear", "mixmatch"):
         assert f"{stage}/ddp/fp32/images_per_s" in step["measurements"]
@@ -106,16 +107,12 @@ def test_benchmark_specific_figures(quick_run):
         assert 0 <= share <= 1
         parts = step["breakdown"][f"{stage}/ddp/fp32"]
         assert parts["data_wait_share"] + parts["views_share"] + parts["model_share"] == pytest.approx(1.0)
-    assert "simclr_model_step/ws1/ddp/fp32/eager" in step["measurements"]  # through harness.run_child
-    # Weak scaling of the model step: world size 2 as two processes over gloo, the same batch per rank.
-    assert set(step["weak_scaling_efficiency"]["ddp/fp32/eager"]) == {"1", "2"}
-    assert step["weak_scaling_efficiency"]["ddp/fp32/eager"]["1"] == pytest.approx(1.0)
-    assert "simclr_model_step/ws2/ddp/fp32/eager/weak_scaling_efficiency" in step["measurements"]
+    # The SimCLR step's FLOPs, counted on the real step: two views' forward and backward per image.
+    simclr = step["breakdown"]["simclr/ddp/fp32"]
+    assert simclr["flops_per_step"] > 0 and simclr["host_syncs_per_step"] >= 0
+    assert 0 < step["measurements"]["simclr/ddp/fp32/images_per_s"]["compute_ceiling_share"]
     e2e = records["end_to_end"]["comparisons"]
     assert set(e2e) == {"supervised/epoch", "pretrain/epoch", "linear/epoch", "finetune/epoch"}
-    flops = records["flops"]["gflops_per_image"]
-    assert flops["cifar_resnet18@32"]["forward"] == pytest.approx(1.11, rel=0.02)  # 0.556 GMAC, 2 FLOPs each
-    assert flops["resnet50@224"]["forward"] == pytest.approx(8.17, rel=0.02)
     assert "ratio = engine / reference" in stdout
 
 
@@ -132,6 +129,4 @@ def test_dbd_bench_forwards_to_the_suite(tmp_path):
 
     assert main(["bench", "nope"]) == 2
     assert main(["bench", "--list"]) == 0
-    assert main(["bench", "flops", "--quick", "--in-process", "--out", str(tmp_path)]) == 0
-    rec = json.loads((tmp_path / "flops.json").read_text())
-    assert rec["benchmark"] == "flops" and rec["measurements"]
+    assert main(["bench", "--report", str(REPO / "benchmarks" / "recorded" / "2026-11-25_cpu-2vcpu")]) == 0

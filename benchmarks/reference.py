@@ -1,10 +1,11 @@
 """How the DBD reference code (SCLBD/DBD; BackdoorBench's copy for ImageNet) feeds
-training, re-created: a Dataset that triggers each sample with NumPy and augments it with
-PIL transforms (built from the engine's own view specs, so both sides compute the same
-augmentation), batched by a DataLoader with worker processes (docs/benchmarks.md)."""
+training, re-created for side-by-side benchmarks (not part of the engine): a Dataset
+that triggers each sample with NumPy and augments it with PIL transforms (built from the
+engine's own view specs, so both sides compute the same augmentation), batched by a
+DataLoader with worker processes (docs/benchmarks.md)."""
 from __future__ import annotations
 
-import abc
+import random
 
 import numpy as np
 import torch
@@ -15,16 +16,24 @@ IMAGENET_RESIZE = 256
 IMAGENET_CROP = 224
 
 
+def _interpolation(name: str):
+    import torchvision.transforms as T
+    return {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[name]
+
+
 def simclr_transform(spec):
     """The reference SimCLR view as a PIL ``transforms.Compose`` (one call = one view)."""
     import torchvision.transforms as T
-    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[spec.interpolation]
+    # blur_kernel_size 0 is the reference's per-sigma blur (MoCo's); a fixed n is torchvision's.
+    blur = MoCoBlur(tuple(spec.blur_sigma)) if spec.blur_kernel_size == 0 else \
+        T.GaussianBlur(spec.blur_kernel_size, sigma=tuple(spec.blur_sigma))
     return T.Compose([
-        T.RandomResizedCrop(spec.size, scale=tuple(spec.scale), ratio=tuple(spec.ratio), interpolation=interp),
+        T.RandomResizedCrop(spec.size, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
+                            interpolation=_interpolation(spec.interpolation)),
         T.RandomHorizontalFlip(p=spec.flip_p),
         T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p),
         T.RandomGrayscale(p=spec.grayscale_p),
-        T.RandomApply([_blur(spec)], p=spec.blur_p),
+        T.RandomApply([blur], p=spec.blur_p),
         T.ToTensor(),
         T.Normalize(spec.mean, spec.std),
     ])
@@ -38,17 +47,8 @@ class MoCoBlur:
         self.sigma = sigma
 
     def __call__(self, img):
-        import random
         from PIL import ImageFilter
         return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
-def _blur(spec):
-    import torchvision.transforms as T
-    # blur_kernel_size 0 is the reference's per-sigma blur; a fixed n is torchvision's.
-    if spec.blur_kernel_size == 0:
-        return MoCoBlur(tuple(spec.blur_sigma))
-    return T.GaussianBlur(spec.blur_kernel_size, sigma=tuple(spec.blur_sigma))
 
 
 def weak_transform(spec):
@@ -59,16 +59,15 @@ def weak_transform(spec):
     if isinstance(spec, WeakSpec):
         crop = T.RandomCrop(spec.size, padding=spec.padding, padding_mode=spec.padding_mode)
     else:
-        interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[spec.interpolation]
-        crop = T.RandomResizedCrop(spec.size, scale=tuple(spec.scale), ratio=tuple(spec.ratio), interpolation=interp)
+        crop = T.RandomResizedCrop(spec.size, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
+                                   interpolation=_interpolation(spec.interpolation))
     return T.Compose([crop, T.RandomHorizontalFlip(p=spec.flip_p), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
 
 
 class BadNetsTrigger:
     """The reference's BadNets: zero the pattern's non-zero positions, then add the pattern.
     ``pattern`` is a full-size uint8 HWC image, black except for the trigger (the DBD
-    reference loads it from a PNG of the image's size).
-    """
+    reference loads it from a PNG of the image's size)."""
 
     def __init__(self, pattern: np.ndarray):
         self.pattern = np.asarray(pattern, dtype=np.uint8)
@@ -78,8 +77,8 @@ class BadNetsTrigger:
     def white3x3(cls, height: int, width: int) -> "BadNetsTrigger":
         # The same frame the engine's white3x3 preset defines at 32 px, scaled to the
         # image by nearest neighbour, so both sides put the same pixels on the image.
-        from engine.attacks.triggers.badnets import build_frame
         from engine.attacks.base import resample_nearest
+        from engine.attacks.triggers.badnets import build_frame
         pattern, mask = build_frame("white3x3", 32, "")
         return cls(np.where(resample_nearest(mask, height, width), resample_nearest(pattern, height, width), 0))
 
@@ -89,35 +88,31 @@ class BadNetsTrigger:
         return img + self.pattern
 
 
-class _PoisonDataset(Dataset, abc.ABC):
-    """Shared ``__getitem__`` logic: trigger, label, then the views.
-    ``transform`` None returns the (triggered) uint8 HWC image as a tensor, what the
-    engine's loader delivers before its device-side views; used to time the loader
-    part alone.
-    """
+class InMemoryPoisonDataset(Dataset):
+    """CIFAR-style: samples are rows of an in-memory uint8 (N, H, W, 3) array. Each item:
+    the trigger on the poisoned ones, their label set to the target, then ``views`` calls
+    of ``transform``. ``transform`` None returns the (triggered) uint8 HWC image as a
+    tensor, what the engine's loader delivers before its device-side views: the loader
+    part alone."""
 
-    def __init__(self, labels, poisoned, target: int, trigger, transform, views: int):
+    def __init__(self, images, labels, poisoned=None, target: int = 0, trigger=None, transform=None, views: int = 1):
+        self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.poisoned = np.zeros(len(self.labels), dtype=bool) if poisoned is None else np.asarray(poisoned, bool)
-        self.target = int(target)
-        self.trigger = trigger
-        self.transform = transform
-        self.views = views
+        self.target, self.trigger, self.transform, self.views = int(target), trigger, transform, views
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    @abc.abstractmethod
-    def _raw(self, index: int) -> np.ndarray:
+    def raw(self, index: int) -> np.ndarray:
         """The clean uint8 HWC image ``index``, as the source stores it."""
+        return self.images[index]
 
     def __getitem__(self, index: int):
         from PIL import Image
-        img = self._raw(index)
-        label = int(self.labels[index])
+        img, label = self.raw(index), int(self.labels[index])
         if self.poisoned[index]:
-            img = self.trigger(img)
-            label = self.target
+            img, label = self.trigger(img), self.target
         if self.transform is None:
             # A copy: the source may be a read-only view (PIL's buffer, the dataset's array).
             return torch.from_numpy(np.array(img, dtype=np.uint8)), label, index
@@ -125,33 +120,18 @@ class _PoisonDataset(Dataset, abc.ABC):
         return (*[self.transform(pil) for _ in range(self.views)], label, index)
 
 
-class InMemoryPoisonDataset(_PoisonDataset):
-    """CIFAR-style: samples are rows of an in-memory uint8 (N, H, W, 3) array."""
-
-    def __init__(self, images: np.ndarray, labels, poisoned=None, target: int = 0, trigger=None,
-                 transform=None, views: int = 1):
-        super().__init__(labels, poisoned, target, trigger, transform, views)
-        self.images = images
-
-    def _raw(self, index: int) -> np.ndarray:
-        return self.images[index]
-
-
-class JPEGPoisonDataset(_PoisonDataset):
+class JPEGPoisonDataset(InMemoryPoisonDataset):
     """ImageNet-style: JPEG files opened with PIL, Resize(256) + CenterCrop(224), then the trigger."""
 
-    def __init__(self, paths, labels, poisoned=None, target: int = 0, trigger=None, transform=None,
-                 views: int = 1):
+    def __init__(self, paths, labels, poisoned=None, target: int = 0, trigger=None, transform=None, views: int = 1):
         import torchvision.transforms as T
-        super().__init__(labels, poisoned, target, trigger, transform, views)
-        self.paths = list(paths)
+        super().__init__(list(paths), labels, poisoned, target, trigger, transform, views)
         self.frame = T.Compose([T.Resize(IMAGENET_RESIZE), T.CenterCrop(IMAGENET_CROP)])
 
-    def _raw(self, index: int) -> np.ndarray:
+    def raw(self, index: int) -> np.ndarray:
         from PIL import Image
-        with open(self.paths[index], "rb") as f:
-            img = Image.open(f).convert("RGB")
-        return np.asarray(self.frame(img))
+        with open(self.images[index], "rb") as f:
+            return np.asarray(self.frame(Image.open(f).convert("RGB")))
 
 
 def reference_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: bool = True,
