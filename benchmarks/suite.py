@@ -39,15 +39,10 @@ class Benchmark:
 REGISTRY: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("loader", "images/s delivered to the training loop: engine loader + device views vs the reference "
               "DataLoader; trigger cost per attack", full_limit_s=1200),
-    Benchmark("augment", "view kernels: fused / PyTorch path / torchvision v2 / PIL at 32 and 224 px"),
-    Benchmark("step", "training images/s of the real stages per backend, precision and (SimCLR) torch.compile; "
-              "data wait, views and model shares of a step", quick_limit_s=420, full_limit_s=1800),
-    Benchmark("end_to_end", "one epoch per DBD stage: engine loader vs the reference DataLoader feeding the same "
-              "stage", full_limit_s=1200),
     # 540 s: the device machine's 10-minute limit, less start-up; the check itself plans
     # for at most 8 minutes (benchmarks/gpu/plan.yaml, caps).
     Benchmark("gpu", "the prepared one-GPU check: Triton kernels against the PyTorch twin, view timing, real "
-              "SimCLR/MixMatch steps (CIFAR and ImageNet size, bf16/fp32), NCCL and 2-process gloo "
+              "SimCLR/MixMatch steps (CIFAR and ImageNet size, bf16/fp32), every stage on the device, NCCL "
               "(--smoke: its CPU path)", quick_limit_s=300, full_limit_s=540, default=False, isolate=False),
     Benchmark("scale", "per-core prepare and loader images/s, bytes/image and peak RSS on a synthetic ImageFolder "
               "tree; the derived .beton size, prepare time and cores per GPU for ImageNet-1k/-100",
@@ -106,8 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "interpreted, as CI runs it)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON and PNG files (default {DEFAULT_OUT})")
     p.add_argument("--device", help="device for the engine's views and steps (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads on CPU for the engine's side (default: each "
-                   "benchmark's own: the engine's setting, 1 per core in augment)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads on CPU for the engine's side (default: the "
+                   "engine's own setting)")
     p.add_argument("--in-process", action="store_true", help="run every benchmark in this process (no isolation)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--report", metavar="DIR", help="print the Markdown tables of a results folder and exit")

@@ -31,7 +31,7 @@ def device(smoke: bool):
     return torch.device("cuda", 0)
 
 
-def dist_stages() -> tuple[str, ...]:
+def checked_stages() -> tuple[str, ...]:
     """Every registered stage, each after those it needs: a new defense's stages are
     checked without editing this package."""
     from engine.stages.base import stages_in_order

@@ -1,13 +1,11 @@
 """The GPU check's schedule: the phases in turn under cumulative deadlines, each in a child
-process of its own but ``distributed`` (whose ranks are children already: a child of a
-phase child would outlive that child's kill); DIR/gpu.json and DIR/gpu.md after each."""
+process of its own; DIR/gpu.json and DIR/gpu.md after each."""
 from __future__ import annotations
 
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.gpu import distributed_phase
 from benchmarks.gpu.plan import CAPS, GRACE_S, NO_CUDA, PHASES, SIZES, mode
 from benchmarks.gpu.progress import ffcv_importable, saved_on_error
 from benchmarks.gpu.render import markdown
@@ -17,7 +15,7 @@ from benchmarks.harness import environment, jsonable, measurement, run_child
 def phase_status(value: dict) -> str:
     if "error" in value:  # the phase itself broke off: what it had saved is kept
         return "timed_out" if "did not finish" in value["error"] else "failed"
-    if value.get("failed_runs") or any("error" in r for r in value.get("results", {}).values()):
+    if any("error" in r for r in value.get("results", {}).values()):
         return "errors"
     return "partial" if value.get("skipped") else "ok"
 
@@ -31,13 +29,11 @@ def measurements(phases: dict) -> dict:
 
 
 def run_phase(name: str, smoke: bool, deadline: float, saved: Path) -> dict:
-    hard = deadline + GRACE_S
-    if name == "distributed":
-        return saved_on_error(lambda: distributed_phase.run(smoke, deadline, str(saved), hard=hard), saved)
-    # Triton reads TRITON_INTERPRET once, at import: the variable goes to the children.
+    """Phase ``name`` in a child, killed ``GRACE_S`` past its deadline; what it saved if it fails.
+    Triton reads TRITON_INTERPRET once, at import: the variable goes to the child."""
     return saved_on_error(lambda: run_child(
         f"benchmarks.gpu.{name}_phase:run", dict(smoke=smoke, deadline=deadline, progress=str(saved)),
-        timeout=max(5.0, hard - time.time()), env={"TRITON_INTERPRET": "1" if smoke else "0"}), saved)
+        timeout=max(5.0, deadline + GRACE_S - time.time()), env={"TRITON_INTERPRET": "1" if smoke else "0"}), saved)
 
 
 def run(quick: bool = False, device: str | None = None, out: str | None = None) -> dict:

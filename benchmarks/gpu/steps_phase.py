@@ -1,5 +1,5 @@
 """Phase 3, ``steps``: SimCLR and MixMatch steps of the real stages over ``MemoryData``, at
-CIFAR and ImageNet size, bf16 and fp32, timed by ``benchmarks.step.time_steps``: images/s,
+CIFAR and ImageNet size, bf16 and fp32, timed by ``timing.time_steps``: images/s,
 share of the measured bf16 matmul peak, host syncs, peak memory, and the split into data
 copy, views and model."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from benchmarks import stages
 from benchmarks.gpu.data import memory_data
 from benchmarks.gpu.plan import SIZES, cuda_only, device, mode
 from benchmarks.gpu.progress import Progress, free_memory
-from benchmarks.step import matmul_ceiling, time_steps
+from benchmarks.gpu.timing import matmul_ceiling, time_steps
 from engine.config import load_config
 
 SPLIT = {"copy": "wait_s", "views": "views_s", "model": "model_s"}  # part -> time_steps' key

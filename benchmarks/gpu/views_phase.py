@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks import augment
+from benchmarks.gpu import timing
 from benchmarks.gpu.data import images
 from benchmarks.gpu.plan import SIZES, cuda_only, device, mode
 from benchmarks.gpu.progress import Progress, free_memory
@@ -21,7 +21,7 @@ from engine.attacks.triggers.badnets import BadNets, BadNetsConfig
 
 def rate(fn, reps: int, dev, count: int, **extra) -> dict:
     """images/s of ``fn`` (``count`` images a call) over ``reps`` calls after one warm-up call."""
-    return measurement("images/s", [count / t for t in augment.time_calls(fn, fn, reps, dev)], **extra)
+    return measurement("images/s", [count / t for t in timing.time_calls(fn, fn, reps, dev)], **extra)
 
 
 def photo_like_jpegs(batch: int, h: int, w: int) -> list:
@@ -77,13 +77,13 @@ def trigger_twin_cases(p: Progress, dev, size: int, batch: int, reps: int) -> No
 
 def view_cases(p: Progress, dev, s: dict, label: str, source: int, size: int) -> None:
     """The fused kernels and the twin a call per batch, torchvision v2 a call per sample
-    (``benchmarks augment``'s convention: the reference's way)."""
+    (the reference's way)."""
     from kernels import SimCLRSpec
     spec, imgs = SimCLRSpec(size=size), images(s["batch"], source, source, dev, seed=len(label))
-    methods = dict(fused=(augment.fused_views, imgs), torch_path=(augment.torch_path_views, imgs),
-                   torchvision_v2=(augment.torchvision_v2_views, imgs[:s["per_sample"]]))
+    methods = dict(fused=(timing.fused_views, imgs), torch_path=(timing.torch_path_views, imgs),
+                   torchvision_v2=(timing.torchvision_v2_views, imgs[:s["per_sample"]]))
     for name, (make, x) in methods.items():
-        p.case(f"{label}/{name}", lambda name=name, make=make, x=x: measurement("views/s", augment.measure_views(
+        p.case(f"{label}/{name}", lambda name=name, make=make, x=x: measurement("views/s", timing.measure_views(
             x, spec, {name: make}, s["reps"], dev, until=p.deadline)[name]["reps"], images=len(x)))
     del imgs, methods
     free_memory()

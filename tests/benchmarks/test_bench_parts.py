@@ -44,7 +44,7 @@ def test_select_rejects_unknown_names():
     assert select([]) == [n for n in REGISTRY if n not in ("gpu", "scale")]
     assert REGISTRY["gpu"].default is False and REGISTRY["scale"].default is False
     assert select(["gpu"]) == ["gpu"]
-    assert select(["step", "loader", "step"]) == ["step", "loader"]
+    assert select(["scale", "loader", "scale"]) == ["scale", "loader"]
     with pytest.raises(UnknownBenchmark, match="unknown benchmark 'nope'"):
         select(["loader", "nope"])
 

@@ -78,10 +78,11 @@ def test_the_registries_find_the_folder(plugin_env):
              "from engine.config import load_config\n"
              "from engine.sweep.grid import defense_stages, known_defenses\n"
              "from tests.stages.stage_matrix import stage_names, tiny\n"
-             "from benchmarks.gpu import dist_stages\n"
+             "from benchmarks.gpu import checked_stages\n"
              "print(json.dumps({'defenses': DEFENSES, 'known': list(known_defenses()),\n"
              "                  'stages': defense_stages('toy'), 'matrix': list(stage_names()), 'tiny': tiny(),\n"
-             "                  'gpu': list(dist_stages()), 'section': load_config(None, ['toy.lr=0.5']).toy.lr}))\n")
+             "                  'gpu': list(checked_stages()),\n"
+             "                  'section': load_config(None, ['toy.lr=0.5']).toy.lr}))\n")
     r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=plugin_env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
