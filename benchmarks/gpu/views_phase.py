@@ -1,6 +1,6 @@
 """Phase 2, ``views``: images/s of ``data.decode_device`` (nvJPEG, framing and BadNets on
 the device) against the CPU path, and of each attack's device twin; then views/s of the
-fused kernels, the PyTorch twin and torchvision v2 by ``benchmarks.augment``'s timing."""
+fused kernels, the PyTorch twin and torchvision v2 by ``timing.measure_views``."""
 from __future__ import annotations
 
 import os
