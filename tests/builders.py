@@ -143,6 +143,14 @@ def write_color_cifar(root: Path, n_per_batch: int = 40, seed: int = 0):
     return folder
 
 
+def prepared_color_cifar(base: Path, n_per_batch: int) -> Path:
+    """``write_color_cifar`` under ``base``, prepared as ``dbd prepare cifar10`` stores it."""
+    from engine.data.prepare import prepare
+
+    folder = write_color_cifar(base / "src", n_per_batch=n_per_batch)
+    prepare("cifar10", str(folder), base / "beton", progress=False)
+    return base / "beton"
+
 def write_cifar100_folder(root: Path, n_train: int = 200, n_test: int = 40, seed: int = 0):
     """A cifar-100-python folder in the real release's pickle layout (``train``, ``test``,
     ``meta``; keys ``data``, ``fine_labels``, ``coarse_labels``, ``filenames``). Every fine

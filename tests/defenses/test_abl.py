@@ -2,7 +2,6 @@
 the presets, 1 against 2 real (gloo) processes, and a killed run resumed."""
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -138,33 +137,23 @@ def test_bad_settings_are_one_clear_error():
 
 @pytest.fixture(scope="module")
 def color_root(tmp_path_factory) -> Path:
-    from engine.data.prepare import prepare
-    from tests.builders import write_color_cifar
+    from tests.builders import prepared_color_cifar
 
-    base = tmp_path_factory.mktemp("abl-colors")
-    folder = write_color_cifar(base / "src", n_per_batch=40)
-    prepare("cifar10", str(folder), base / "beton", progress=False)
-    return base / "beton"
+    return prepared_color_cifar(tmp_path_factory.mktemp("abl-colors"), n_per_batch=40)
 
 
 def _stage(root: Path, run_dir: Path, rank: int = 0, world: int = 1, *extra: str):
     """The ABL stage, built as ``dbd run`` builds it, over the planted colour set."""
-    from engine.attacks.runtime import build_poison
-    from engine.data.prepare import load_meta
-    from engine.data.run_data import DatasetMeta, RunData
     from engine.pipeline import make_stage
-    from engine.runtime.launch import DistInfo
+    from tests.gloo import rank_data
 
     cfg = load_config(None, [f"data.root={root}", "data.name=cifar10", "data.num_workers=1", "attack.target=0",
                              "attack.ratio=0.1", "attack.select_from=all", f"run_dir={run_dir}", "model.width=4",
                              "stages=[abl]", "abl.batch_size=32", "abl.isolation_ratio=0.1",
                              "abl.isolation_epochs=1", "abl.finetune_epochs=1", "abl.unlearning_epochs=1",
                              "logging.progress=false", *extra])
-    meta = load_meta(root)
-    dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"),
-                    pg_backend="gloo" if world > 1 else None, launcher="test")
-    data = RunData(cfg.data, DatasetMeta.from_raw(meta), dist, cfg.seed, build_poison(cfg, meta, run_dir))
-    stage = make_stage(cfg, "abl", run_dir=Path(run_dir), dist=dist, data=data)
+    data = rank_data(cfg, run_dir, rank, world)
+    stage = make_stage(cfg, "abl", run_dir=Path(run_dir), dist=data.dist, data=data)
     torch.manual_seed(cfg.seed)
     stage.build()
     return cfg, data, stage
@@ -242,20 +231,14 @@ def test_isolation_identical_in_one_and_two_processes(color_root, tmp_path):
 # --------------------------------------------------------------------------- a killed run resumed
 
 def test_killed_in_fine_tuning_then_resumed_equals_the_uninterrupted_run(digits_root, tmp_path):
-    from tests.runtime.helpers import check, dbd_cmd, max_weight_diff, run, write_config
+    from tests.runtime.helpers import killed_and_resumed, max_weight_diff
 
     changes = {"stages": ["abl"], "abl": {"batch_size": 256, "isolation_epochs": 1, "finetune_epochs": 1,
                                            "unlearning_epochs": 1, "isolation_ratio": 0.05}}
-    whole = write_config(tmp_path, digits_root, "whole", **changes)
-    check(run(dbd_cmd(whole)))
-    killed = write_config(tmp_path, digits_root, "killed", **changes)
     # 6 isolation steps (1,347 images at 256, the partial batch kept), then fine-tuning.
     # A checkpoint every 2 steps: the kill before global step 8 leaves the one after
     # fine-tuning's second step, which holds the isolated set and the fresh SGD.
-    first = run(dbd_cmd(killed), DBD_FAULT_EXIT_AT_STEP="8:0:kill")
-    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
-    second = check(run(dbd_cmd(killed)))
-    assert "resuming from" in second.stdout
+    second = killed_and_resumed(tmp_path, digits_root, "8:0:kill", **changes)
     assert "[abl] isolated" not in second.stdout.split("resuming from")[1]  # restored, not re-scored
     a, b = (torch.load(tmp_path / f"run-{n}" / "abl" / "model.pt", weights_only=True) for n in ("whole", "killed"))
     assert max_weight_diff(a, b) < 1e-6

@@ -3,7 +3,6 @@ meta-split's virtual model, 1 against 2 real (gloo) processes, and a killed run 
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -119,32 +118,22 @@ def test_the_virtual_update_leaves_the_real_model_and_the_frozen_layers(bn):
 
 @pytest.fixture(scope="module")
 def color_root(tmp_path_factory) -> Path:
-    from engine.data.prepare import prepare
-    from tests.builders import write_color_cifar
+    from tests.builders import prepared_color_cifar
 
-    base = tmp_path_factory.mktemp("asd-colors")
-    folder = write_color_cifar(base / "src", n_per_batch=40)
-    prepare("cifar10", str(folder), base / "beton", progress=False)
-    return base / "beton"
+    return prepared_color_cifar(tmp_path_factory.mktemp("asd-colors"), n_per_batch=40)
 
 
 def _stage(root: Path, run_dir: Path, rank: int = 0, world: int = 1):
-    from engine.attacks.runtime import build_poison
-    from engine.data.prepare import load_meta
-    from engine.data.run_data import DatasetMeta, RunData
     from engine.pipeline import make_stage
-    from engine.runtime.launch import DistInfo
+    from tests.gloo import rank_data
 
     cfg = load_config(None, [f"data.root={root}", "data.name=cifar10", "data.num_workers=1", "attack.target=0",
                              "attack.ratio=0.1", "attack.select_from=all", f"run_dir={run_dir}", "model.width=4",
                              "stages=[asd]", "asd.batch_size=8", "asd.seeds_per_class=2", "asd.meta_batch_size=16",
                              "asd.growth_every=1", "asd.class_aware_until=2", "asd.meta_from=3",
                              "logging.progress=false"])
-    meta = load_meta(root)
-    dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"),
-                    pg_backend="gloo" if world > 1 else None, launcher="test")
-    data = RunData(cfg.data, DatasetMeta.from_raw(meta), dist, cfg.seed, build_poison(cfg, meta, run_dir))
-    stage = make_stage(cfg, "asd", run_dir=Path(run_dir), dist=dist, data=data)
+    data = rank_data(cfg, run_dir, rank, world)
+    stage = make_stage(cfg, "asd", run_dir=Path(run_dir), dist=data.dist, data=data)
     torch.manual_seed(cfg.seed)
     stage.build()
     return stage
@@ -200,7 +189,7 @@ def _pool_records(run_dir: Path) -> dict[int, tuple]:
 
 
 def test_killed_in_the_class_aware_rule_then_resumed_draws_the_same_pools(color_root, tmp_path):
-    from tests.runtime.helpers import check, dbd_cmd, max_weight_diff, run, write_config
+    from tests.runtime.helpers import killed_and_resumed, max_weight_diff
 
     changes = {"stages": ["asd"], "data": {"name": "cifar10", "root": str(color_root), "num_workers": 1},
                "attack": {"name": "badnets", "target": 0, "ratio": 0.1, "select_from": "all",
@@ -208,15 +197,9 @@ def test_killed_in_the_class_aware_rule_then_resumed_draws_the_same_pools(color_
                "asd": {"epochs": 4, "iterations_per_epoch": 3, "batch_size": 16, "seeds_per_class": 2,
                        "growth": 5, "growth_every": 1, "class_aware_until": 3, "meta_from": 3,
                        "meta_batch_size": 32}}
-    whole = write_config(tmp_path, color_root, "whole", **changes)
-    check(run(dbd_cmd(whole)))
-    killed = write_config(tmp_path, color_root, "killed", **changes)
     # 3 steps an epoch, a checkpoint every 2: the kill before global step 5 leaves the one
     # after step 4, inside epoch 1 (class-aware: 2 seeds + 5 per class).
-    first = run(dbd_cmd(killed), DBD_FAULT_EXIT_AT_STEP="5:0:kill")
-    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
-    second = check(run(dbd_cmd(killed)))
-    assert "resuming from" in second.stdout
+    killed_and_resumed(tmp_path, color_root, "5:0:kill", **changes)
     got, want = _pool_records(tmp_path / "run-killed"), _pool_records(tmp_path / "run-whole")
     assert sorted(want) == [0, 1, 2, 3] and want[3][0] == "meta"
     assert [want[e][1] for e in (0, 1, 2)] == [20, 70, 120]  # the growth did not restart at the resume

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,18 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                                   f"--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def killed_and_resumed(tmp: Path, root: Path, fault: str, **changes) -> subprocess.CompletedProcess:
+    """One config run uninterrupted (``run-whole``) and again (``run-killed``) with a SIGKILL
+    at ``fault`` (``DBD_FAULT_EXIT_AT_STEP``), then rerun to the end; the rerun's process."""
+    check(run(dbd_cmd(write_config(tmp, root, "whole", **changes))))
+    killed = write_config(tmp, root, "killed", **changes)
+    first = run(dbd_cmd(killed), DBD_FAULT_EXIT_AT_STEP=fault)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    second = check(run(dbd_cmd(killed)))
+    assert "resuming from" in second.stdout
+    return second
 
 
 def losses(rdir: Path) -> dict[int, float]:

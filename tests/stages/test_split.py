@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from engine.config import load_config
-from engine.data.prepare import prepare
 from engine.defenses.dbd.split import Split, rank_batches, select_lowest
-from tests.builders import PALETTE, write_color_cifar
-from tests.gloo import run_ranks
+from tests.builders import PALETTE, prepared_color_cifar
+from tests.gloo import rank_data, run_ranks
 
 
 class PaletteOracle(nn.Module):
@@ -34,18 +33,9 @@ class PaletteOracle(nn.Module):
 
 def make_data(root: Path, run_dir: Path, rank: int = 0, world: int = 1):
     """The run's data object for a finetune split test, as the pipeline builds it."""
-    from engine.attacks.runtime import build_poison
-    from engine.data.prepare import load_meta
-    from engine.data.run_data import DatasetMeta, RunData
-    from engine.runtime.launch import DistInfo
-
     cfg = load_config(None, [f"data.root={root}", "data.name=cifar10", "data.num_workers=1", "attack.target=0",
                              "attack.ratio=0.1", "attack.select_from=non_target", f"run_dir={run_dir}"])
-    meta = load_meta(root)
-    dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"),
-                    pg_backend="gloo" if world > 1 else None, launcher="test")
-    poison = build_poison(cfg, meta, run_dir)
-    return cfg, RunData(cfg.data, DatasetMeta.from_raw(meta), dist, cfg.seed, poison)
+    return cfg, rank_data(cfg, run_dir, rank, world)
 
 
 def split_once(root: Path, run_dir: Path, rank: int = 0, world: int = 1):
@@ -62,10 +52,7 @@ def split_once(root: Path, run_dir: Path, rank: int = 0, world: int = 1):
 
 @pytest.fixture(scope="module")
 def color_root(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("colors")
-    folder = write_color_cifar(base / "src", n_per_batch=60)
-    prepare("cifar10", str(folder), base / "beton", progress=False)
-    return base / "beton"
+    return prepared_color_cifar(tmp_path_factory.mktemp("colors"), n_per_batch=60)
 
 
 def test_planted_split_finds_every_poisoned_sample(color_root, tmp_path):
